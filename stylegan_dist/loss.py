@@ -1,0 +1,122 @@
+"""Losses. The loss object owns the gradient computation of each phase; the loop owns optimisers.
+
+Phases:
+  ``G``      generator step: non-saturating logistic (or WGAN) on D(G(z)), with style mixing.
+  ``D``      discriminator main loss on reals and fakes.
+  ``Dreg``   regularisation only (R1 on reals, or the WGAN-GP gradient penalty).
+  ``Dboth``  ``D`` + ``Dreg`` sharing one forward pass of D on the reals (the paper's R1-every-step).
+
+All losses are means over the local minibatch, so averaging gradients over data-parallel workers
+gives the gradient of the global minibatch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config
+from .networks import Discriminator, Generator
+
+PHASES = ("G", "D", "Dreg", "Dboth")
+
+
+@dataclass
+class StepContext:
+    resolution: int
+    alpha: float
+    batch: int  # local minibatch
+
+
+class StyleGANLoss:
+    def __init__(self, cfg: Config, G: Generator, D: Discriminator, device: torch.device | str,
+                 G_forward=None, D_forward=None):
+        self.cfg = cfg
+        self.G, self.D = G, D
+        # Optional compiled callables with the same signature as the modules.
+        self.G_forward = G_forward or G
+        self.D_forward = D_forward or D
+        self.device = torch.device(device)
+        self.lc = cfg.loss
+        self.mixing_prob = cfg.generator.mixing_prob
+        self.autocast = cfg.perf.precision == "bf16"
+
+    def _amp(self):
+        if not self.autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def run_G(self, n: int, ctx: StepContext) -> torch.Tensor:
+        z = torch.randn(n, self.G.latent_dim, device=self.device)
+        with self._amp():
+            return self.G_forward(z, ctx.resolution, ctx.alpha, mixing_prob=self.mixing_prob, update_w_avg=True)
+
+    def run_D(self, img: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        with self._amp():
+            return self.D_forward(img, ctx.resolution, ctx.alpha).float()
+
+    def accumulate_gradients(self, phase: str, reals: torch.Tensor, ctx: StepContext,
+                             gain: float = 1.0) -> dict[str, torch.Tensor]:
+        """Backpropagate the loss of ``phase`` into .grad of G's or D's parameters; return detached stats.
+
+        ``reals`` is float in [-1, 1], [N, C, R, R]. ``gain`` scales the loss (lazy regularisation).
+        """
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        stats: dict[str, torch.Tensor] = {}
+        wgan = self.lc.kind == "wgan_gp"
+
+        if phase == "G":
+            fake_scores = self.run_D(self.run_G(ctx.batch, ctx), ctx)
+            loss = (-fake_scores).mean() if wgan else F.softplus(-fake_scores).mean()  # -log sigmoid(D(G(z)))
+            (loss * gain).backward()
+            stats["loss/G"] = loss.detach()
+            return stats
+
+        do_main = phase in ("D", "Dboth")
+        do_reg = phase in ("Dreg", "Dboth") and (self.lc.r1_gamma > 0 if not wgan else self.lc.wgan_lambda > 0)
+        total = torch.zeros([], device=self.device)
+
+        if do_main:
+            with torch.no_grad():
+                fakes = self.run_G(ctx.batch, ctx)
+            fake_scores = self.run_D(fakes, ctx)
+            stats["scores/fake"] = fake_scores.detach().mean()
+        if do_main or (do_reg and not wgan):
+            reals_in = reals.detach().requires_grad_(do_reg and not wgan)
+            real_scores = self.run_D(reals_in, ctx)
+            stats["scores/real"] = real_scores.detach().mean()
+
+        if do_main:
+            if wgan:
+                main = fake_scores.mean() - real_scores.mean()
+                main = main + self.lc.wgan_epsilon * real_scores.square().mean()  # keeps scores near 0
+            else:
+                main = F.softplus(fake_scores).mean() + F.softplus(-real_scores).mean()
+            total = total + main
+            stats["loss/D"] = main.detach()
+
+        if do_reg and not wgan:
+            # R1: gamma/2 * E[|grad_x D(x)|^2] on reals (Mescheder et al. 2018).
+            (grad,) = torch.autograd.grad(real_scores.sum(), reals_in, create_graph=True)
+            penalty = grad.float().square().sum(dim=[1, 2, 3])
+            reg = penalty.mean() * (self.lc.r1_gamma * 0.5)
+            total = total + reg
+            stats["loss/R1"] = penalty.detach().mean()
+        elif do_reg and wgan:
+            # WGAN-GP: lambda * E[(|grad D(x_hat)| - target)^2 / target^2] on random interpolates.
+            with torch.no_grad():
+                fakes_gp = fakes if do_main else self.run_G(ctx.batch, ctx)
+            t = torch.rand(reals.shape[0], 1, 1, 1, device=self.device, dtype=reals.dtype)
+            mixed = torch.lerp(reals.detach(), fakes_gp.to(reals.dtype), t).requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.run_D(mixed, ctx).sum(), mixed, create_graph=True)
+            norm = grad.float().square().sum(dim=[1, 2, 3]).sqrt()
+            reg = ((norm - self.lc.wgan_target).square() / self.lc.wgan_target**2).mean() * self.lc.wgan_lambda
+            total = total + reg
+            stats["loss/GP"] = reg.detach()
+
+        (total * gain).backward()
+        return stats

@@ -1,0 +1,96 @@
+import pytest
+import torch
+from conftest import TINY_SCHEDULE, random_images, tiny_config
+
+from stylegan_dist import checkpoint as ckpt_mod
+from stylegan_dist.data import TensorSource
+from stylegan_dist.loop import NonFiniteLossError, training_loop
+from stylegan_dist.loss import StyleGANLoss
+
+
+def _cfg(*extra):
+    return tiny_config(*TINY_SCHEDULE, *extra)
+
+
+def _state(path):
+    ck = ckpt_mod.load_checkpoint(path)
+    return ck
+
+
+def test_loop_advances_nimg_exactly_and_grows(tmp_path):
+    cfg = _cfg()
+    res = training_loop(cfg, TensorSource(random_images()), tmp_path, log=None)
+    assert res.finished
+    # batch 8, 4 minibatch repeats per schedule evaluation: nimg is a multiple of 8 and stops at 400
+    assert res.cur_nimg == 400
+    resolutions = [h["resolution"] for h in res.history]
+    assert resolutions[0] == 8 and resolutions[-1] == 32 and 16 in resolutions
+    # the schedule switches at 64 nimg (16 fades in) and 192 nimg (32 fades in)
+    for h in res.history:
+        expect = 8 if h["cur_nimg"] <= 64 else 16 if h["cur_nimg"] <= 192 else 32
+        assert h["resolution"] in (expect, expect // 2)  # a tick reports the phase of its last group
+    assert res.checkpoint.exists() and res.grid.exists()
+    assert len(ckpt_mod.list_checkpoints(tmp_path / "checkpoints")) <= cfg.train.keep_checkpoints
+    ck = _state(res.checkpoint)
+    assert ck["state"]["cur_nimg"] == 400
+    assert set(ck) >= {"G", "D", "G_ema", "opt_G", "opt_D", "state", "per_rank", "config"}
+    assert (tmp_path / "config.yaml").exists()
+    from PIL import Image
+    im = Image.open(res.grid)
+    assert im.size[0] >= 64 and im.mode == "RGB"
+
+
+def test_save_load_continue_is_bit_identical(tmp_path):
+    cfg = _cfg()
+    full = training_loop(cfg, TensorSource(random_images(), seed=3), tmp_path / "a", log=None)
+    part = training_loop(cfg, TensorSource(random_images(), seed=3), tmp_path / "b", log=None, stop_after_ticks=5)
+    assert not part.finished and 0 < part.cur_nimg < 400
+    rest = training_loop(cfg, TensorSource(random_images(), seed=3), tmp_path / "b", log=None,
+                         resume=part.checkpoint)
+    assert rest.finished and rest.cur_nimg == full.cur_nimg
+    a, b = _state(full.checkpoint), _state(rest.checkpoint)
+    for key in ("G", "D", "G_ema"):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), f"{key}.{name} differs after resume"
+    assert a["state"]["tick"] == b["state"]["tick"]
+
+
+def test_nan_loss_stops_with_kimg_and_keeps_checkpoint(tmp_path, monkeypatch):
+    cfg = _cfg("train.checkpoint_kimg=0.05")
+    orig = StyleGANLoss.accumulate_gradients
+    calls = {"n": 0}
+
+    def poisoned(self, phase, reals, ctx, gain=1.0):
+        stats = orig(self, phase, reals, ctx, gain)
+        if phase == "G":
+            calls["n"] += 1
+            if calls["n"] > 20:
+                stats["loss/G"] = torch.tensor(float("nan"))
+        return stats
+
+    monkeypatch.setattr(StyleGANLoss, "accumulate_gradients", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"at kimg 0\.168; the last good checkpoint is .*ckpt-0000000128"):
+        training_loop(cfg, TensorSource(random_images()), tmp_path, log=None)
+    kept = ckpt_mod.list_checkpoints(tmp_path / "checkpoints")
+    assert kept and ckpt_mod.load_checkpoint(kept[-1])["state"]["cur_nimg"] <= 160
+
+
+def test_optimizer_state_resets_at_fade_start(tmp_path):
+    # Groups of 4 steps x 8 images start at nimg 0, 32, 64 (lod still 3.0: stable) and 96 (fading): the
+    # reset happens at 96 and one step (96 -> 104) follows before total_kimg.
+    cfg = _cfg("schedule.total_kimg=0.104")
+    res = training_loop(cfg, TensorSource(random_images()), tmp_path, log=None)
+    ck = _state(res.checkpoint)
+    assert {int(s["step"]) for s in ck["opt_G"]["state"].values()} == {1}
+    assert {int(s["step"]) for s in ck["opt_D"]["state"].values()} == {1}
+    cfg_keep = _cfg("schedule.total_kimg=0.104", "optim.reset_on_lod_change=false")
+    res = training_loop(cfg_keep, TensorSource(random_images()), tmp_path / "keep", log=None)
+    assert max(int(s["step"]) for s in _state(res.checkpoint)["opt_G"]["state"].values()) == 13
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    ckpt_mod.atomic_save({"format": 1, "x": 1}, tmp_path / "ckpt-0000000001.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-0000000001.pt"]
+    (tmp_path / "ckpt-0000000002.pt").write_bytes(b"garbage")
+    with pytest.raises(ckpt_mod.CheckpointError, match="could not be read"):
+        ckpt_mod.load_checkpoint(tmp_path / "ckpt-0000000002.pt")
