@@ -62,7 +62,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # truncated or foreign file
-        raise CheckpointError(f"Checkpoint {path} could not be read ({type(e).__name__}); it may be truncated.") from None
+        raise CheckpointError(
+            f"Checkpoint {path} could not be read ({type(e).__name__}); it may be truncated."
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path} is not a stylegan_dist checkpoint of format {FORMAT_VERSION}.")
     return ckpt

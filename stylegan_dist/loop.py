@@ -92,6 +92,44 @@ def allreduce_grads(module: torch.nn.Module, world_size: int) -> None:
         p.grad.copy_(g.view_as(p))
 
 
+def _reg_gain(step: int, r1_interval: int) -> float | None:
+    """None: R1 shares the D pass every step (paper); else lazy R1 every r1_interval steps, scaled up."""
+    if r1_interval == 1:
+        return None
+    return float(r1_interval) if step % r1_interval == 0 else 0.0
+
+
+def train_step(G: Generator, D: Discriminator, G_ema: Generator, opt_G: torch.optim.Optimizer,
+               opt_D: torch.optim.Optimizer, loss: StyleGANLoss, reals: torch.Tensor, ctx: StepContext,
+               ema_beta: float, *, reg_gain: float | None = None, world_size: int = 1) -> dict[str, torch.Tensor]:
+    """One D step (main loss + R1), one G step, one EMA update. Gradients are averaged over ranks."""
+    ddp = world_size > 1
+    G.requires_grad_(False)
+    D.requires_grad_(True)
+    opt_D.zero_grad(set_to_none=True)
+    if reg_gain is None:
+        stats = loss.accumulate_gradients("Dboth", reals, ctx)
+    else:
+        stats = loss.accumulate_gradients("D", reals, ctx)
+        if reg_gain > 0:
+            stats.update(loss.accumulate_gradients("Dreg", reals, ctx, gain=reg_gain))
+    if ddp:
+        allreduce_grads(D, world_size)
+    opt_D.step()
+
+    G.requires_grad_(True)
+    D.requires_grad_(False)
+    opt_G.zero_grad(set_to_none=True)
+    stats.update(loss.accumulate_gradients("G", reals, ctx))
+    if ddp:
+        allreduce_grads(G, world_size)
+    opt_G.step()
+    D.requires_grad_(True)
+
+    update_ema(G_ema, G, ema_beta)
+    return stats
+
+
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if device.type == "cuda":
@@ -142,12 +180,14 @@ def training_loop(
     report: Report | None = None,
     extra_state: dict[str, Any] | None = None,
     stop_after_ticks: int | None = None,
+    checkpoint_dir: str | Path | None = None,
     log: Callable[[str], None] | None = print,
 ) -> LoopResult:
     """Train until ``schedule.total_kimg`` (or ``stop_after_ticks`` ticks of this call).
 
     ``report(stats, checkpoint_path)`` is called on every rank at each tick end (checkpoint path on rank 0
-    when one was written, else None). ``extra_state`` is stored in checkpoints (e.g. the MLflow run id).
+    when one was written, else None; the callback may move the file away). ``extra_state`` is stored in
+    checkpoints (e.g. the MLflow run id). Checkpoints go to ``checkpoint_dir`` (default run_dir/checkpoints).
     """
     device = torch.device(device)
     run_dir = Path(run_dir)
@@ -196,7 +236,7 @@ def training_loop(
         extra = {**ck.get("extra", {}), **extra}
         say(f"Resumed from {resume if not isinstance(resume, dict) else 'checkpoint'} at kimg {cur_nimg / 1000:.1f}.")
 
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else run_dir / "checkpoints"
     sample_dir = run_dir / "samples"
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,31 +309,8 @@ def training_loop(
             if cfg.perf.channels_last:
                 reals = reals.contiguous(memory_format=torch.channels_last)
 
-            # Discriminator: main loss + R1 (sharing D(reals) when R1 runs every step).
-            G.requires_grad_(False)
-            D.requires_grad_(True)
-            opt_D.zero_grad(set_to_none=True)
-            if r1_interval == 1:
-                stats = loss.accumulate_gradients("Dboth", reals, ctx)
-            else:
-                stats = loss.accumulate_gradients("D", reals, ctx)
-                if step % r1_interval == 0:
-                    stats.update(loss.accumulate_gradients("Dreg", reals, ctx, gain=float(r1_interval)))
-            if ddp:
-                allreduce_grads(D, world_size)
-            opt_D.step()
-
-            # Generator.
-            G.requires_grad_(True)
-            D.requires_grad_(False)
-            opt_G.zero_grad(set_to_none=True)
-            stats.update(loss.accumulate_gradients("G", reals, ctx))
-            if ddp:
-                allreduce_grads(G, world_size)
-            opt_G.step()
-            D.requires_grad_(True)
-
-            update_ema(G_ema, G, ema_beta)
+            stats = train_step(G, D, G_ema, opt_G, opt_D, loss, reals, ctx, ema_beta,
+                               reg_gain=_reg_gain(step, r1_interval), world_size=world_size)
             cur_nimg += phase.batch
             step += 1
 
@@ -337,7 +354,8 @@ def training_loop(
         stats_out = {
             "tick": tick, "kimg": cur_nimg / 1000, "cur_nimg": cur_nimg, "resolution": phase.resolution,
             "alpha": phase.alpha, "lod": phase.lod, "batch": phase.batch, "lr": phase.lr,
-            "sec_per_tick": sec, "sec_per_kimg": sec / max(kimg_tick, 1e-9), "img_per_sec": kimg_tick * 1000 / max(sec, 1e-9),
+            "sec_per_tick": sec, "sec_per_kimg": sec / max(kimg_tick, 1e-9),
+            "img_per_sec": kimg_tick * 1000 / max(sec, 1e-9),
             "peak_mem_gb": _peak_memory_gb(device), **means,
         }
         say(format_tick(stats_out))

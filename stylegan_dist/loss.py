@@ -43,6 +43,9 @@ class StyleGANLoss:
         self.lc = cfg.loss
         self.mixing_prob = cfg.generator.mixing_prob
         self.autocast = cfg.perf.precision == "bf16"
+        # Draws the latents of each G evaluation; replaceable so tests can feed identical latents to a
+        # 1-worker and a 2-worker run.
+        self.sample_z = lambda n: torch.randn(n, G.latent_dim, device=self.device)
 
     def _amp(self):
         if not self.autocast:
@@ -50,7 +53,7 @@ class StyleGANLoss:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def run_G(self, n: int, ctx: StepContext) -> torch.Tensor:
-        z = torch.randn(n, self.G.latent_dim, device=self.device)
+        z = self.sample_z(n)
         with self._amp():
             return self.G_forward(z, ctx.resolution, ctx.alpha, mixing_prob=self.mixing_prob, update_w_avg=True)
 

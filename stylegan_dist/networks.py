@@ -373,7 +373,9 @@ class Discriminator(nn.Module):
         m, d = cfg.model, cfg.discriminator
         self.resolution_log2 = log2i(m.resolution)
         ch = [nf(r - 1, m.fmap_base, m.fmap_max) for r in range(self.resolution_log2 + 1)]
-        self.fromrgb = nn.ModuleList(EqualizedConv2d(m.num_channels, ch[r], 1) for r in range(2, self.resolution_log2 + 1))
+        self.fromrgb = nn.ModuleList(
+            EqualizedConv2d(m.num_channels, ch[r], 1) for r in range(2, self.resolution_log2 + 1)
+        )
         # blocks[r - 3] maps 2^r -> 2^(r-1)
         self.blocks = nn.ModuleList(
             DiscriminatorBlock(ch[r], ch[r - 1], _fused(m.fused_scale, r), m.blur)

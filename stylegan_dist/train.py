@@ -1,31 +1,37 @@
 """``python -m stylegan_dist.train``: train StyleGAN with progressive growing on a prepared dataset.
 
-This entry point runs the core loop in a single process (CPU or one GPU). A run lives in
-STORAGE/RUN_NAME: config.yaml, checkpoints/ (newest K kept), samples/ (a grid per tick). Running the
-same command again continues the run from its newest checkpoint; --restart starts over on purpose.
+Runs on Ray Train: connects to the cluster in RAY_ADDRESS (as under ``ray job submit``) or starts a
+local Ray instance, and runs one worker per GPU (or N CPU workers with gloo). Each worker streams its
+share of the dataset through Ray Data and runs the core training loop; gradients are averaged
+across workers.
+
+A run lives in STORAGE/RUN_NAME: config.yaml, Ray checkpoints (checkpoint_*/ckpt.pt, newest K kept),
+samples/ (a grid per tick), and one MLflow run (MLFLOW_TRACKING_URI, else STORAGE/mlflow.db).
+Running the same command again continues the run from its newest checkpoint, logging to the same
+MLflow run; a failed worker is restarted from the newest checkpoint automatically (--max-failures);
+--restart moves the old run aside and starts over.
 
 Examples:
   python -m data_pipeline.synthetic data/shapes32 --num-images 2048 --resolution 32
-  python -m stylegan_dist.train --config configs/demo.yaml --data data/shapes32
-  python -m stylegan_dist.train --data /data/ffhq-shards --set train.seed=1 --run-name ffhq-f
-  python -m stylegan_dist.train --data /data/ffhq-shards --dry-run      # config + schedule, then exit
+  python -m stylegan_dist.train --config configs/demo.yaml --data data/shapes32 --workers 2
+  ray job submit --working-dir . -- python -m stylegan_dist.train --data /shared/ffhq --gpu --workers 8
+  python -m stylegan_dist.train --data /data/ffhq --dry-run           # resolved config + schedule, then exit
+  python -m stylegan_dist.train --data data/shapes32 --no-ray          # the core loop in this process
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from . import checkpoint as ckpt_mod
 from .cli import add_config_args, config_from_args, fail
-from .config import Config, ConfigError, from_dict, to_dict, to_yaml
-from .loop import NonFiniteLossError, training_loop
+from .config import Config, ConfigError, flat_params, from_dict, to_dict, to_yaml
 from .schedule import format_schedule
+from .tracking import DEFAULT_EXPERIMENT, RunLogger, create_run, resolve_tracking_uri, run_exists, run_url_hint
 
 # Sections whose change makes an existing checkpoint unusable (different networks).
 _SHAPE_SECTIONS = ("model", "generator", "discriminator")
@@ -35,53 +41,107 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m stylegan_dist.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", metavar="DIR", help="dataset directory made by data_pipeline.prepare or "
-                    "data_pipeline.synthetic (holds manifest.json)")
+                    "data_pipeline.synthetic (holds manifest.json and Parquet shards)")
     add_config_args(ap)
-    ap.add_argument("--storage", metavar="DIR", default="runs", help="where runs are stored (default: ./runs)")
+    ap.add_argument("--workers", type=int, metavar="N", help="training workers: default one per GPU in the "
+                    "cluster, or 1 CPU worker when it has none")
+    ap.add_argument("--gpu", action="store_true", help="use GPU workers (one GPU each, NCCL); an error if the "
+                    "cluster has too few GPUs. Default: GPUs when the cluster has any")
+    ap.add_argument("--cpu", action="store_true", help="use CPU workers (gloo) even when GPUs are present")
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
+                    help="CPUs reserved per worker, also its torch thread count (default 1)")
+    ap.add_argument("--storage", metavar="DIR", default="runs", help="where runs are stored; a shared "
+                    "filesystem path on a multi-node cluster (default: ./runs)")
     ap.add_argument("--run-name", metavar="NAME", help="run directory name under --storage (default: the "
                     "config file's name, or 'stylegan'); an existing run of this name is continued")
-    ap.add_argument("--restart", action="store_true", help="discard the existing checkpoints of this run and "
-                    "start from scratch")
-    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    ap.add_argument("--max-ticks", type=int, metavar="N", help="stop after N ticks of this invocation "
-                    "(a checkpoint is written; run again to continue)")
-    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and the schedule table, "
-                    "then exit")
+    ap.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name "
+                    f"(default {DEFAULT_EXPERIMENT})")
+    ap.add_argument("--restart", action="store_true", help="move the existing run of this name aside "
+                    "(RUN_NAME.old-TIMESTAMP) and start from scratch")
+    ap.add_argument("--max-failures", type=int, default=3, metavar="N", help="worker failures tolerated; "
+                    "each restarts the workers from the newest checkpoint (default 3)")
+    ap.add_argument("--max-ticks", type=int, metavar="N", help="stop after N ticks of this invocation, with a "
+                    "checkpoint (run the same command again to continue)")
+    ap.add_argument("--no-ray", action="store_true", help="run the core loop in this process without Ray "
+                    "(one CPU or GPU; --device picks it)")
+    ap.add_argument("--device", default="auto", help="with --no-ray: auto, cpu, cuda or cuda:N")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved config and the schedule table "
+                    "(kimg -> resolution, batch, lr) for --workers, then exit")
     return ap.parse_args(argv)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but this machine has no usable CUDA device.")
-    return dev
-
-
-def check_resume_compatible(cfg: Config, ckpt_cfg: dict, path: Path) -> None:
+def check_resume_compatible(cfg: Config, ckpt_cfg: dict, where: str) -> None:
     new = to_dict(cfg)
     changed = [f"{s}.{k}" for s in _SHAPE_SECTIONS for k in new[s] if new[s][k] != ckpt_cfg.get(s, {}).get(k)]
     if changed:
-        raise ConfigError(f"The run's checkpoint {path} was made with different networks ({', '.join(changed)}); "
+        raise ConfigError(f"The existing run {where} was made with different networks ({', '.join(changed)}); "
                           f"use another --run-name or --restart.")
 
 
-def open_source(data: str, cfg: Config):
-    from data_pipeline.stream import DatasetError, LocalBatchSource  # imported here: pyarrow is not needed for --help
+def check_dataset(data: str | None, cfg: Config) -> dict:
+    from data_pipeline.stream import DatasetError, open_manifest
 
+    if not data:
+        raise ConfigError("--data is required: give a dataset directory made by data_pipeline.prepare or "
+                          "data_pipeline.synthetic.")
     try:
-        source = LocalBatchSource(data, seed=cfg.train.seed, mirror=cfg.train.mirror)
+        manifest = open_manifest(data)
     except DatasetError as e:
         raise ConfigError(str(e)) from None
-    needed = [r for r in (2**i for i in range(2, 20)) if cfg.schedule.start_resolution <= r <= cfg.model.resolution]
-    missing = [r for r in needed if r not in source.resolutions]
+    have = sorted(manifest["resolutions"])
+    needed = [r for r in (2**i for i in range(2, 14)) if cfg.schedule.start_resolution <= r <= cfg.model.resolution]
+    missing = [r for r in needed if r not in have]
     if missing:
-        have = f"{min(source.resolutions)}..{source.max_resolution}" if source.resolutions else "none"
-        raise ConfigError(f"Dataset {data} has resolutions {have} but training needs {needed[0]}..{needed[-1]}; "
-                          f"set model.resolution to at most {source.max_resolution} or prepare the data at "
-                          f"{cfg.model.resolution}.")
-    return source
+        raise ConfigError(f"Dataset {data} has resolutions {have[0]}..{have[-1]} but training needs "
+                          f"{needed[0]}..{needed[-1]}; set model.resolution to at most {have[-1]} or prepare "
+                          f"the data at {cfg.model.resolution}.")
+    return manifest
+
+
+def _run_name(args: argparse.Namespace) -> str:
+    name = args.run_name or (Path(args.config).stem if args.config else "stylegan")
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"--run-name '{name}' must be a plain directory name.")
+    return name
+
+
+def _move_aside(run_dir: Path) -> Path:
+    target = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(target)
+    return target
+
+
+def _init_ray(args: argparse.Namespace):
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # Small machines need at least 4 logical CPUs for the workers, Ray Data and the controller.
+        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+def _plan_workers(args: argparse.Namespace, resources: dict) -> tuple[int, bool]:
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    use_gpu = args.gpu or (gpus > 0 and not args.cpu)
+    workers = args.workers if args.workers is not None else (gpus if use_gpu else 1)
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}.")
+    if use_gpu and workers > gpus:
+        raise ConfigError(f"{workers} GPU workers were asked for but the Ray cluster has {gpus} GPUs; lower "
+                          f"--workers or add GPU nodes.")
+    if workers * args.cpus_per_worker > cpus:
+        raise ConfigError(f"{workers} workers x {args.cpus_per_worker:g} CPUs do not fit the Ray cluster's "
+                          f"{cpus:g} CPUs; lower --workers or --cpus-per-worker.")
+    return workers, use_gpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,51 +150,181 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
         if args.dry_run:
             print(to_yaml(cfg))
-            print(format_schedule(cfg))
+            print(f"Schedule for {args.workers or 1} worker(s):")
+            print(format_schedule(cfg, args.workers or 1))
             return 0
-        if not args.data:
-            raise ConfigError("--data is required: give a dataset directory made by data_pipeline.prepare or "
-                              "data_pipeline.synthetic.")
-        if not Path(args.data).exists():
-            raise ConfigError(f"Dataset directory {args.data} does not exist.")
-        device = resolve_device(args.device)
-        run_name = args.run_name or (Path(args.config).stem if args.config else "stylegan")
-        run_dir = Path(args.storage).expanduser().resolve() / run_name
-        ckpt_dir = run_dir / "checkpoints"
-        resume = None
-        if args.restart and ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
-        latest = ckpt_mod.latest_checkpoint(ckpt_dir)
-        if latest is not None:
-            resume = ckpt_mod.load_checkpoint(latest, map_location=device)
-            check_resume_compatible(cfg, resume["config"], latest)
-            old = from_dict(resume["config"])
-            if old != cfg:
-                print(f"note: continuing {run_dir} with a changed config (schedule/loss/train keys differ).")
-        source = open_source(args.data, cfg)
+        check_dataset(args.data, cfg)
+        if args.cpus_per_worker <= 0:
+            raise ConfigError("--cpus-per-worker must be positive.")
+        run_dir = Path(args.storage).expanduser().resolve() / _run_name(args)
+        if args.no_ray:
+            return run_local(args, cfg, run_dir)
+        return run_ray(args, cfg, run_dir)
     except (ConfigError, ckpt_mod.CheckpointError) as e:
         return fail(str(e))
 
-    print(f"Run directory: {run_dir}")
-    print(f"Device: {device}; dataset: {args.data} ({source.num_images} images); "
-          f"G {cfg.generator.architecture}, final resolution {cfg.model.resolution}, "
-          f"{cfg.schedule.total_kimg:g} kimg")
+
+def _mlflow_run(args, cfg: Config, run_dir: Path, uri: str, previous_id: str | None, workers: int) -> str:
+    if previous_id and run_exists(uri, previous_id):
+        print(f"Continuing MLflow run {previous_id}.")
+        RunLogger(uri, previous_id).client.update_run(previous_id, status="RUNNING")
+        return previous_id
+    if previous_id:
+        print(f"note: MLflow run {previous_id} is not in {uri}; starting a new MLflow run for this run.")
+    params = {**flat_params(cfg), "data": str(Path(args.data).resolve()), "workers": str(workers)}
+    run_id = create_run(uri, args.experiment, run_dir.name, params, tags={"run_dir": str(run_dir)})
+    return run_id
+
+
+def _log_config(uri: str, run_id: str, run_dir: Path, cfg: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    RunLogger(uri, run_id).log_artifact(run_dir / "config.yaml")
+
+
+def run_ray(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
+    from .ray_train import CKPT_FILE, build_trainer, latest_checkpoint_meta
+
+    ray = _init_ray(args)
+    workers, use_gpu = _plan_workers(args, ray.cluster_resources())
+    if args.restart and run_dir.exists():
+        print(f"--restart: moved the previous run to {_move_aside(run_dir)}")
+    meta = latest_checkpoint_meta(run_dir) if run_dir.exists() else None
+    if meta is not None:
+        ck = ckpt_mod.load_checkpoint(Path(meta["path"]) / CKPT_FILE)
+        check_resume_compatible(cfg, ck["config"], str(run_dir))
+        if from_dict(ck["config"]) != cfg:
+            print("note: continuing with a changed config (schedule/loss/train keys differ from the checkpoint).")
+        print(f"Continuing {run_dir} from kimg {meta['cur_nimg'] / 1000:.3f}.")
+        del ck
+    uri = resolve_tracking_uri(args.storage)
+    run_id = _mlflow_run(args, cfg, run_dir, uri, meta and meta.get("mlflow_run_id"), workers)
+    _log_config(uri, run_id, run_dir, cfg)
+
+    kind = "GPU" if use_gpu else f"CPU ({args.cpus_per_worker:g} CPUs each)"
+    print(f"Run {run_dir.name}: {workers} {kind} worker(s), global batch follows the schedule x {workers}; "
+          f"{cfg.schedule.total_kimg:g} kimg to {cfg.model.resolution}x{cfg.model.resolution}")
+    print(f"  storage: {run_dir}\n  MLflow:  run {run_id} in {uri}")
+    trainer = build_trainer(
+        to_dict(cfg), data=args.data, run_dir=run_dir, workers=workers, use_gpu=use_gpu,
+        cpus_per_worker=args.cpus_per_worker, tracking_uri=uri, mlflow_run_id=run_id,
+        max_failures=args.max_failures, keep_checkpoints=cfg.train.keep_checkpoints, max_ticks=args.max_ticks,
+        pid_dir=os.environ.get("STYLEGAN_DIST_PID_DIR"),
+    )
+    logger = RunLogger(uri, run_id)
     t0 = time.time()
     try:
-        result = training_loop(cfg, source, run_dir, device=device, resume=resume, stop_after_ticks=args.max_ticks)
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        logger.terminate("KILLED")
+        newest = latest_checkpoint_meta(run_dir)
+        print(f"\nInterrupted. Newest checkpoint: {newest['path'] if newest else 'none yet'}; run the same "
+              f"command to continue.", file=sys.stderr)
+        return 130
+    except Exception as e:  # TrainingFailedError after max_failures, with the workers' errors inside
+        logger.terminate("FAILED")
+        newest = latest_checkpoint_meta(run_dir)
+        kept = f"newest checkpoint {newest['path']}" if newest else "no checkpoint was written"
+        return fail(f"Training failed ({_root_message(e)}); {kept}.", code=1)
+
+    newest = latest_checkpoint_meta(run_dir)
+    finished = newest is not None and newest["cur_nimg"] >= int(round(cfg.schedule.total_kimg * 1000))
+    if finished and result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            logger.log_artifact(Path(d) / CKPT_FILE, "checkpoint")
+    logger.terminate("FINISHED" if finished else "KILLED")  # KILLED: paused; the next run continues it
+    _print_summary(run_dir, uri, run_id, newest, finished, time.time() - t0)
+    return 0
+
+
+def _root_message(e: BaseException) -> str:
+    seen = set()
+    msgs = []
+    stack = [e]
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        for attr in ("worker_failures", "errors"):
+            inner = getattr(cur, attr, None)
+            if isinstance(inner, dict):
+                stack.extend(v for v in inner.values() if isinstance(v, BaseException))
+        if cur.__cause__ is not None:
+            stack.append(cur.__cause__)
+        text = str(cur).strip().splitlines()
+        if text:
+            msgs.append(text[-1])
+    for m in msgs:
+        if "Training stopped:" in m:
+            return m[m.index("Training stopped:"):]
+    return msgs[-1] if msgs else type(e).__name__
+
+
+def _print_summary(run_dir: Path, uri: str, run_id: str, newest: dict | None, finished: bool, seconds: float) -> None:
+    kimg = newest["cur_nimg"] / 1000 if newest else 0.0
+    state = "finished" if finished else f"stopped at kimg {kimg:.3f} (run the same command to continue)"
+    samples = sorted((run_dir / "samples").glob("grid-*.png"))
+    print(f"\nTraining {state} after {seconds:.1f}s.")
+    print(f"  checkpoints: {newest['path'] if newest else 'none'} (newest)")
+    print(f"  samples:     {samples[-1] if samples else 'none'}")
+    print(f"  MLflow run:  {run_id}  ({uri})")
+    print(f"  browse:      {run_url_hint(uri)}")
+
+
+def run_local(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
+    import torch
+
+    from data_pipeline.stream import DatasetError, LocalBatchSource
+
+    from .loop import NonFiniteLossError, training_loop
+
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device} was asked for but this machine has no usable CUDA device.")
+    if args.restart and run_dir.exists():
+        print(f"--restart: moved the previous run to {_move_aside(run_dir)}")
+    ckpt_dir = run_dir / "checkpoints"
+    latest = ckpt_mod.latest_checkpoint(ckpt_dir)
+    resume = None
+    if latest is not None:
+        resume = ckpt_mod.load_checkpoint(latest, map_location=device)
+        check_resume_compatible(cfg, resume["config"], str(run_dir))
+    try:
+        source = LocalBatchSource(args.data, seed=cfg.train.seed, mirror=cfg.train.mirror)
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
+    uri = resolve_tracking_uri(args.storage)
+    run_id = _mlflow_run(args, cfg, run_dir, uri, resume and resume.get("extra", {}).get("mlflow_run_id"), 1)
+    _log_config(uri, run_id, run_dir, cfg)
+    logger = RunLogger(uri, run_id)
+
+    def report(stats, path):
+        logger.log_metrics(stats, step=int(stats["cur_nimg"]))
+        if stats.get("grid"):
+            logger.log_artifact(stats["grid"], "samples")
+
+    print(f"Run {run_dir.name} in this process on {device}; MLflow run {run_id} in {uri}")
+    t0 = time.time()
+    try:
+        result = training_loop(cfg, source, run_dir, device=device, resume=resume, report=report,
+                               extra_state={"mlflow_run_id": run_id}, stop_after_ticks=args.max_ticks)
     except NonFiniteLossError as e:
+        logger.terminate("FAILED")
         return fail(str(e), code=1)
     except KeyboardInterrupt:
-        kept = ckpt_mod.latest_checkpoint(ckpt_dir)
-        print(f"\nInterrupted. Newest checkpoint: {kept or 'none yet'}; run the same command to continue.",
-              file=sys.stderr)
+        logger.terminate("KILLED")
+        print(f"\nInterrupted. Newest checkpoint: {ckpt_mod.latest_checkpoint(ckpt_dir) or 'none yet'}; run the "
+              f"same command to continue.", file=sys.stderr)
         return 130
-
-    state = "finished" if result.finished else f"stopped at kimg {result.cur_nimg / 1000:.3f} (run again to continue)"
-    print(f"\nTraining {state} after {time.time() - t0:.1f}s.")
-    print(f"  checkpoint: {result.checkpoint}")
-    print(f"  samples:    {result.grid}")
-    print(f"  config:     {run_dir / 'config.yaml'}")
+    if result.finished and result.checkpoint is not None:
+        logger.log_artifact(result.checkpoint, "checkpoint")
+    logger.terminate("FINISHED" if result.finished else "KILLED")
+    newest = {"path": str(result.checkpoint), "cur_nimg": result.cur_nimg} if result.checkpoint else None
+    _print_summary(run_dir, uri, run_id, newest, result.finished, time.time() - t0)
     return 0
 
 
