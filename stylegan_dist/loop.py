@@ -66,6 +66,15 @@ def build_models(cfg: Config, device: torch.device) -> tuple[Generator, Discrimi
     return G, D, G_ema
 
 
+def compile_models(G: Generator, D: Discriminator):
+    """torch.compile G's mapping and synthesis in place (G.forward stays eager: it draws the style-mixing
+    decision on the host) and return a compiled callable of D. State-dict keys are unchanged. The eager D is
+    kept for the passes R1 differentiates twice, which compiled graphs cannot."""
+    G.mapping.forward = torch.compile(G.mapping.forward)
+    G.synthesis.forward = torch.compile(G.synthesis.forward)
+    return torch.compile(D)
+
+
 def make_optimizer(cfg: Config, module: torch.nn.Module, lr: float) -> torch.optim.Adam:
     o = cfg.optim
     return torch.optim.Adam(module.parameters(), lr=lr, betas=(o.beta1, o.beta2), eps=o.eps)
@@ -123,6 +132,9 @@ def train_step(G: Generator, D: Discriminator, G_ema: Generator, opt_G: torch.op
     stats.update(loss.accumulate_gradients("G", reals, ctx))
     if ddp:
         allreduce_grads(G, world_size)
+        # Each rank moved w_avg towards its own batch mean; the average is the move towards the global mean.
+        dist.all_reduce(G.w_avg)
+        G.w_avg /= world_size
     opt_G.step()
     D.requires_grad_(True)
 
@@ -208,10 +220,7 @@ def training_loop(
     first = phase_at(cfg, 0, world_size)
     opt_G = make_optimizer(cfg, G, first.lr)
     opt_D = make_optimizer(cfg, D, first.lr)
-    G_forward, D_forward = G, D
-    if cfg.perf.compile:
-        G_forward, D_forward = torch.compile(G), torch.compile(D)
-    loss = StyleGANLoss(cfg, G, D, device, G_forward=G_forward, D_forward=D_forward)
+    loss = StyleGANLoss(cfg, G, D, device, D_forward=compile_models(G, D) if cfg.perf.compile else None)
 
     cur_nimg, tick, step = 0, 0, 0
     last_ckpt_nimg = 0

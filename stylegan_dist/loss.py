@@ -32,17 +32,16 @@ class StepContext:
 
 
 class StyleGANLoss:
-    def __init__(self, cfg: Config, G: Generator, D: Discriminator, device: torch.device | str,
-                 G_forward=None, D_forward=None):
+    def __init__(self, cfg: Config, G: Generator, D: Discriminator, device: torch.device | str, D_forward=None):
         self.cfg = cfg
         self.G, self.D = G, D
-        # Optional compiled callables with the same signature as the modules.
-        self.G_forward = G_forward or G
-        self.D_forward = D_forward or D
+        # Optional compiled D with the module's signature (G is compiled in place: loop.compile_models).
+        self.D_forward = D_forward if D_forward is not None else D
         self.device = torch.device(device)
         self.lc = cfg.loss
         self.mixing_prob = cfg.generator.mixing_prob
         self.autocast = cfg.perf.precision == "bf16"
+        self.compiled = cfg.perf.compile
         # Draws the latents of each G evaluation; replaceable so tests can feed identical latents to a
         # 1-worker and a 2-worker run.
         self.sample_z = lambda n: torch.randn(n, G.latent_dim, device=self.device)
@@ -52,14 +51,24 @@ class StyleGANLoss:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
+    def _alpha(self, ctx: StepContext) -> float | torch.Tensor:
+        # Under torch.compile a float alpha would be baked into the graph and recompiled every step of a fade.
+        if self.compiled and ctx.alpha < 1.0:
+            return torch.tensor(ctx.alpha, device=self.device)
+        return ctx.alpha
+
     def run_G(self, n: int, ctx: StepContext) -> torch.Tensor:
         z = self.sample_z(n)
         with self._amp():
-            return self.G_forward(z, ctx.resolution, ctx.alpha, mixing_prob=self.mixing_prob, update_w_avg=True)
+            return self.G(z, ctx.resolution, self._alpha(ctx), mixing_prob=self.mixing_prob,
+                                  update_w_avg=True)
 
-    def run_D(self, img: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def run_D(self, img: torch.Tensor, ctx: StepContext, double_backward: bool = False) -> torch.Tensor:
+        # A compiled D cannot be differentiated twice (AOTAutograd has no double backward), so the passes
+        # that R1 / the gradient penalty differentiate through run the eager module.
+        d = self.D if double_backward else self.D_forward
         with self._amp():
-            return self.D_forward(img, ctx.resolution, ctx.alpha).float()
+            return d(img, ctx.resolution, ctx.alpha if double_backward else self._alpha(ctx)).float()
 
     def accumulate_gradients(self, phase: str, reals: torch.Tensor, ctx: StepContext,
                              gain: float = 1.0) -> dict[str, torch.Tensor]:
@@ -90,7 +99,7 @@ class StyleGANLoss:
             stats["scores/fake"] = fake_scores.detach().mean()
         if do_main or (do_reg and not wgan):
             reals_in = reals.detach().requires_grad_(do_reg and not wgan)
-            real_scores = self.run_D(reals_in, ctx)
+            real_scores = self.run_D(reals_in, ctx, double_backward=do_reg and not wgan)
             stats["scores/real"] = real_scores.detach().mean()
 
         if do_main:
@@ -115,7 +124,8 @@ class StyleGANLoss:
                 fakes_gp = fakes if do_main else self.run_G(ctx.batch, ctx)
             t = torch.rand(reals.shape[0], 1, 1, 1, device=self.device, dtype=reals.dtype)
             mixed = torch.lerp(reals.detach(), fakes_gp.to(reals.dtype), t).requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.run_D(mixed, ctx).sum(), mixed, create_graph=True)
+            (grad,) = torch.autograd.grad(self.run_D(mixed, ctx, double_backward=True).sum(), mixed,
+                                          create_graph=True)
             norm = grad.float().square().sum(dim=[1, 2, 3]).sqrt()
             reg = ((norm - self.lc.wgan_target).square() / self.lc.wgan_target**2).mean() * self.lc.wgan_lambda
             total = total + reg

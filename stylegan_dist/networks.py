@@ -55,6 +55,12 @@ def downsample_box(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, 2)
 
 
+def is_fading(alpha: float | torch.Tensor) -> bool:
+    """A tensor alpha (used under torch.compile, so that each new value is not a new graph) always means
+    the fade path; a float means it when below 1."""
+    return isinstance(alpha, torch.Tensor) or alpha < 1.0
+
+
 # --------------------------------------------------------------------------------------------------
 # Equalized-learning-rate layers
 
@@ -223,7 +229,7 @@ class SynthesisNetwork(nn.Module):
         """(layer index, spatial size) of each noise input used up to ``resolution``."""
         return [(i, 2 ** (i // 2 + 2)) for i in range(2 * log2i(resolution) - 2)]
 
-    def forward(self, ws: torch.Tensor, resolution: int, alpha: float = 1.0,
+    def forward(self, ws: torch.Tensor, resolution: int, alpha: float | torch.Tensor = 1.0,
                 noise: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """ws: [N, num_ws, w_dim] -> images [N, C, resolution, resolution] in about [-1, 1]."""
         assert_shape(ws, [None, self.num_ws, self.w_dim])
@@ -243,12 +249,12 @@ class SynthesisNetwork(nn.Module):
         x = self.epi1(self.conv(x), w(1), noise[1])
         skip = None
         for r in range(3, r_cur + 1):
-            if r == r_cur and alpha < 1.0:
+            if r == r_cur and is_fading(alpha):
                 skip = upsample_nearest(self.torgb[r - 3](x))
             x = self.blocks[r - 3](x, w(2 * r - 4), w(2 * r - 3), noise[2 * r - 4], noise[2 * r - 3])
         img = self.torgb[r_cur - 2](x)
         if skip is not None:
-            img = torch.lerp(skip, img, alpha)
+            img = torch.lerp(skip, img, alpha.to(img.dtype) if isinstance(alpha, torch.Tensor) else alpha)
         return img
 
 
@@ -311,7 +317,7 @@ class Generator(nn.Module):
         out[:, crossover:] = ws2[:, crossover:]
         return out
 
-    def forward(self, z: torch.Tensor, resolution: int | None = None, alpha: float = 1.0, *,
+    def forward(self, z: torch.Tensor, resolution: int | None = None, alpha: float | torch.Tensor = 1.0, *,
                 mixing_prob: float = 0.0, truncation_psi: float = 1.0, truncation_cutoff: int | None = None,
                 update_w_avg: bool = False, noise: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """z [N, latent_dim] -> images [N, C, R, R].
@@ -389,7 +395,8 @@ class Discriminator(nn.Module):
         self.dense1 = EqualizedLinear(c0, 1, gain=1.0)
         self.num_channels = m.num_channels
 
-    def forward(self, img: torch.Tensor, resolution: int | None = None, alpha: float = 1.0) -> torch.Tensor:
+    def forward(self, img: torch.Tensor, resolution: int | None = None,
+                alpha: float | torch.Tensor = 1.0) -> torch.Tensor:
         """images [N, C, R, R] -> scores [N, 1]."""
         resolution = resolution or 2**self.resolution_log2
         assert_shape(img, [None, self.num_channels, resolution, resolution])
@@ -397,9 +404,9 @@ class Discriminator(nn.Module):
         x = lrelu(self.fromrgb[r_cur - 2](img))
         for r in range(r_cur, 2, -1):
             x = self.blocks[r - 3](x)
-            if r == r_cur and alpha < 1.0:
+            if r == r_cur and is_fading(alpha):
                 y = lrelu(self.fromrgb[r_cur - 3](downsample_box(img)))
-                x = torch.lerp(y, x, alpha)
+                x = torch.lerp(y, x, alpha.to(x.dtype) if isinstance(alpha, torch.Tensor) else alpha)
         if self.mbstd_group_size > 1:
             x = minibatch_stddev(x, self.mbstd_group_size, self.mbstd_num_features)
         x = lrelu(self.conv(x))

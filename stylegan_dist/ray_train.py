@@ -105,10 +105,26 @@ def _console(line: str) -> None:
     sys.stdout.flush()
 
 
+def registered_checkpoints(run_dir: Path) -> set[str] | None:
+    """Checkpoint directories Ray has registered for the run (None when Ray wrote no snapshot yet).
+
+    A checkpoint is registered once every worker has made the report that carried it; a directory persisted
+    by rank 0 whose report never completed (a worker died in between) is not resumed from by Ray."""
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snap.read_text()).get("checkpoint_results", [])
+    except (OSError, ValueError):
+        return None
+    return {r["checkpoint_dir_name"] for r in results if "checkpoint_dir_name" in r}
+
+
 def latest_checkpoint_meta(run_dir: Path) -> dict[str, Any] | None:
-    """The newest persisted Ray checkpoint of a run (by cur_nimg), from its small sidecar file."""
+    """The newest registered Ray checkpoint of a run (by cur_nimg), from its small sidecar file."""
+    registered = registered_checkpoints(run_dir)
     best = None
     for meta_path in run_dir.glob(f"checkpoint_*/{META_FILE}"):
+        if registered is not None and meta_path.parent.name not in registered:
+            continue
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):

@@ -132,6 +132,8 @@ def _init_ray(args: argparse.Namespace):
 def _plan_workers(args: argparse.Namespace, resources: dict) -> tuple[int, bool]:
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
     use_gpu = args.gpu or (gpus > 0 and not args.cpu)
+    if args.gpu and gpus == 0:
+        raise ConfigError("--gpu was given but the Ray cluster has no GPUs; drop --gpu to train on CPU workers.")
     workers = args.workers if args.workers is not None else (gpus if use_gpu else 1)
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}.")

@@ -1,0 +1,170 @@
+"""``python -m stylegan_dist.evaluate``: the paper's metrics for a checkpoint's G_ema, logged to MLflow.
+
+Metrics (see docs/metrics.md): fid50k; ppl_zfull, ppl_wfull, ppl_zend, ppl_wend; ls (reports ls_z and
+ls_w). A partially grown checkpoint is evaluated at its current resolution. Pretrained weights are read
+from local files (options below, or STYLEGAN_INCEPTION_WEIGHTS, STYLEGAN_VGG16_WEIGHTS,
+STYLEGAN_LPIPS_WEIGHTS, STYLEGAN_CLASSIFIER, or STYLEGAN_WEIGHTS_DIR); nothing is downloaded.
+
+Values go to the MLflow run given by --mlflow-run, else to the run recorded in the checkpoint (if any),
+at step = the checkpoint's image count; the tracking store is MLFLOW_TRACKING_URI, else ./mlflow.db.
+
+Examples:
+  python -m stylegan_dist.evaluate --checkpoint CKPT --data data/shapes64 --metrics fid50k --num 10000
+  python -m stylegan_dist.evaluate --checkpoint CKPT --data DIR --metrics fid50k,ppl_wend,ls --mlflow-run RUN_ID
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .generate import GenerateError, load_generator, resolve_device
+from .metrics import MetricError, calc_metric, list_metrics, parse_metric_list
+from .metrics.fid import get_inception
+from .metrics.ppl import get_lpips
+from .metrics.separability import get_classifier
+from .metrics.training import options_from_settings, settings_from_config
+
+DEFAULT_NUM = {"fid50k": 50_000, "ppl": 100_000, "ls": 200_000}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m stylegan_dist.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", metavar="PATH", help="checkpoint written by training (ckpt-*.pt)")
+    ap.add_argument("--data", metavar="DIR", help="prepared dataset of real images (needed by fid50k)")
+    ap.add_argument("--metrics", default="fid50k", help="comma-separated metric names (default: fid50k); "
+                    "--list shows them")
+    ap.add_argument("--num", type=int, metavar="N", help="samples per metric (default: the paper's, 50k FID, "
+                    "100k PPL, 200k LS)")
+    ap.add_argument("--batch", type=int, default=32, help="images per forward pass (default: 32)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    ap.add_argument("--inception", metavar="FILE", help="FID Inception weights, pytorch-fid's "
+                    "pt_inception-2015-12-05-6726825d.pth")
+    ap.add_argument("--vgg16", metavar="FILE", help="VGG16 weights in torchvision's format (vgg16-397923af.pth)")
+    ap.add_argument("--lpips", metavar="FILE", help="LPIPS v0.1 linear weights (the lpips package's vgg.pth)")
+    ap.add_argument("--classifier", metavar="FILE", help="attribute classifier for ls (made by python -m "
+                    "stylegan_dist.metrics.classifier, or a TorchScript file)")
+    ap.add_argument("--cache-dir", metavar="DIR", help="real-statistics cache (default: $STYLEGAN_CACHE_DIR or "
+                    "~/.cache/stylegan_dist)")
+    ap.add_argument("--ppl-crop", action="store_true", help="crop the central face region before LPIPS (FFHQ)")
+    ap.add_argument("--ls-min-accuracy", type=float, help="ls uses only attributes whose classifier reached this "
+                    "held-out balanced accuracy (default: 0.8; classifiers without recorded accuracy: all)")
+    ap.add_argument("--mlflow-run", metavar="ID", help="MLflow run to log into (default: the checkpoint's run)")
+    ap.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking store (default: MLFLOW_TRACKING_URI, "
+                    "else sqlite:///./mlflow.db made absolute)")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    ap.add_argument("--out", metavar="JSON", help="also write the results to this JSON file")
+    ap.add_argument("--list", action="store_true", help="list the metric names and exit")
+    return ap.parse_args(argv)
+
+
+def _write_json(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print("\n".join(list_metrics()))
+        return 0
+    try:
+        if not args.checkpoint:
+            raise MetricError("--checkpoint is required: give a checkpoint written by training.")
+        names = parse_metric_list(args.metrics)
+        if not names:
+            raise MetricError("--metrics names no metric.")
+        if args.no_mlflow and args.mlflow_run:
+            raise MetricError("--mlflow-run and --no-mlflow contradict each other; give one of them.")
+        if args.num is not None and args.num < 2:
+            raise MetricError(f"--num must be at least 2, got {args.num}.")
+        if "fid50k" in names and not args.data:
+            raise MetricError("fid50k needs the real images: give the dataset directory with --data.")
+        device = resolve_device(args.device)
+        G, cfg, info = load_generator(args.checkpoint, device)
+        s = settings_from_config(cfg)
+        opts = options_from_settings(s, G, resolution=info["resolution"], alpha=info["alpha"], data=args.data,
+                                     device=device, progress=print)
+        opts.data = args.data or opts.data
+        opts.num = args.num if args.num is not None else opts.num
+        opts.batch_size = args.batch
+        opts.seed = args.seed
+        opts.cache_dir = args.cache_dir or opts.cache_dir
+        opts.ppl_crop = args.ppl_crop or opts.ppl_crop
+        if args.ls_min_accuracy is not None:
+            opts.ls_min_accuracy = args.ls_min_accuracy
+        for key, val in (("inception", args.inception), ("vgg16", args.vgg16), ("lpips", args.lpips),
+                         ("classifier", args.classifier)):
+            if val:
+                opts.weights[key] = val
+        # Load every extractor before the long work, so a missing file fails in the first second.
+        if any(n.startswith("fid") for n in names):
+            get_inception(opts)
+        if any(n.startswith("ppl") for n in names):
+            get_lpips(opts)
+        if "ls" in names:
+            get_classifier(opts)
+        run_id = None if args.no_mlflow else (args.mlflow_run or info["extra"].get("mlflow_run_id"))
+        if run_id:
+            from .metrics.tracking import check_run
+
+            check_run(run_id, args.tracking_uri)  # fail now, not after an hour, when the run does not exist
+
+        res = info["resolution"]
+        print(f"Evaluating {args.checkpoint} (kimg {info['cur_nimg'] / 1000:.1f}, {res}x{res}, alpha "
+              f"{info['alpha']:.2f}) on {device}: {', '.join(names)}")
+        results, t_all = [], time.time()
+        for name in names:
+            num = opts.num or DEFAULT_NUM["ppl" if name.startswith("ppl") else name]
+            print(f"{name}: {num} samples ...")
+            r = calc_metric(name, opts)
+            r["num"] = num
+            results.append(r)
+            vals = ", ".join(f"{k} = {v:.4f}" for k, v in r["results"].items())
+            print(f"{name}: {vals} ({r['seconds']:.1f} s)")
+    except (MetricError, CheckpointError, ConfigError, GenerateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nInterrupted; nothing was logged.", file=sys.stderr)
+        return 130
+
+    print(f"\nSummary ({time.time() - t_all:.1f} s, {device}, {res}x{res}):")
+    print(f"  {'metric':<12} {'value':>12} {'samples':>9} {'seconds':>9}")
+    for r in results:
+        for k, v in r["results"].items():
+            print(f"  {k:<12} {v:>12.4f} {r['num']:>9} {r['seconds']:>9.1f}")
+    values = {k: v for r in results for k, v in r["results"].items()}
+    if args.out:
+        _write_json({"checkpoint": str(Path(args.checkpoint).resolve()), "cur_nimg": info["cur_nimg"],
+                     "resolution": res, "alpha": info["alpha"], "device": str(device),
+                     "torch": torch.__version__, "results": results}, args.out)
+        print(f"Wrote {args.out}")
+    if run_id:
+        try:
+            from .metrics.tracking import log_metrics
+
+            timing = {f"time_{r['name']}": r["seconds"] for r in results}
+            log_metrics(run_id, {**values, **timing}, step=info["cur_nimg"], uri=args.tracking_uri)
+        except MetricError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"Logged {', '.join(values)} to MLflow run {run_id} (step {info['cur_nimg']}).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
