@@ -97,6 +97,7 @@ def train_worker(config: dict[str, Any]) -> None:
             logger.set_tag("stopped", str(e))
         raise
     finally:
+        source.close()  # stops Ray Data iterator threads before the worker is torn down
         shutil.rmtree(local_ckpts, ignore_errors=True)
 
 
