@@ -128,6 +128,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Metrics evaluated on G_ema during training (stylegan_dist.metrics; docs/metrics.md)."""
+
+    names: str = ""  # comma-separated, e.g. "fid50k,ppl_wend,ls"; empty: none during training
+    kimg: float = 0.0  # evaluate every this many kimg (at the first tick end after) and at the end; 0: never
+    num: int = 0  # samples per metric (0: the paper's counts, 50k FID / 100k PPL / 200k LS)
+    batch_size: int = 32
+    seed: int = 0
+    data: str = ""  # real images for FID (empty: the training dataset)
+    cache_dir: str = ""  # FID real-statistics cache (empty: $STYLEGAN_CACHE_DIR or ~/.cache/stylegan_dist)
+    inception_weights: str = ""  # empty: $STYLEGAN_INCEPTION_WEIGHTS or the default location
+    vgg16_weights: str = ""
+    lpips_weights: str = ""
+    classifier: str = ""
+    ppl_crop: bool = False  # central face crop before LPIPS (FFHQ-like data)
+    ls_min_accuracy: float = 0.8  # ls skips attributes the classifier reads worse than this (balanced accuracy)
+
+
+@dataclass(frozen=True)
 class PerfConfig:
     precision: str = "fp32"  # "fp32", "tf32" (TF32 matmul/conv on Ampere+) or "bf16" (autocast, fp32 master)
     channels_last: bool = False
@@ -144,6 +163,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> dataclass
@@ -370,6 +390,13 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg + ".")
+    if cfg.metrics.names.strip():
+        from .metrics.registry import MetricError, parse_metric_list  # the registry imports torch: only when used
+
+        try:
+            parse_metric_list(cfg.metrics.names)
+        except MetricError as e:
+            raise ConfigError(f"metrics.names: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vgg16", metavar="FILE", help="VGG16 weights in torchvision's format (vgg16-397923af.pth)")
     ap.add_argument("--lpips", metavar="FILE", help="LPIPS v0.1 linear weights (the lpips package's vgg.pth)")
     ap.add_argument("--classifier", metavar="FILE", help="attribute classifier for ls (made by python -m "
-                    "stylegan_dist.metrics.classifier, or a TorchScript file)")
+                    "stylegan_dist.metrics.classifier, or a torch.export archive)")
     ap.add_argument("--cache-dir", metavar="DIR", help="real-statistics cache (default: $STYLEGAN_CACHE_DIR or "
                     "~/.cache/stylegan_dist)")
     ap.add_argument("--ppl-crop", action="store_true", help="crop the central face region before LPIPS (FFHQ)")

@@ -26,6 +26,7 @@ from .config import Config, to_dict, to_yaml
 from .data import BatchSource
 from .images import fade_reals, save_grid, to_float
 from .loss import StepContext, StyleGANLoss
+from .metrics import metrics_due, run_training_metrics, torch_distributed_gather
 from .networks import Discriminator, Generator, build_discriminator, build_generator
 from .schedule import Phase, lod_changed, phase_at
 
@@ -193,6 +194,7 @@ def training_loop(
     extra_state: dict[str, Any] | None = None,
     stop_after_ticks: int | None = None,
     checkpoint_dir: str | Path | None = None,
+    metrics_data: str | None = None,
     log: Callable[[str], None] | None = print,
 ) -> LoopResult:
     """Train until ``schedule.total_kimg`` (or ``stop_after_ticks`` ticks of this call).
@@ -200,6 +202,8 @@ def training_loop(
     ``report(stats, checkpoint_path)`` is called on every rank at each tick end (checkpoint path on rank 0
     when one was written, else None; the callback may move the file away). ``extra_state`` is stored in
     checkpoints (e.g. the MLflow run id). Checkpoints go to ``checkpoint_dir`` (default run_dir/checkpoints).
+    The metrics named in ``cfg.metrics`` run on G_ema every ``metrics.kimg`` against ``metrics_data`` (or
+    ``metrics.data``) and are added to the tick's stats.
     """
     device = torch.device(device)
     run_dir = Path(run_dir)
@@ -223,7 +227,7 @@ def training_loop(
     loss = StyleGANLoss(cfg, G, D, device, D_forward=compile_models(G, D) if cfg.perf.compile else None)
 
     cur_nimg, tick, step = 0, 0, 0
-    last_ckpt_nimg = 0
+    last_ckpt_nimg = last_metrics_nimg = 0
     prev_phase: Phase | None = None
     extra = dict(extra_state or {})
 
@@ -236,6 +240,7 @@ def training_loop(
         opt_D.load_state_dict(ck["opt_D"])
         st = ck["state"]
         cur_nimg, tick, step, last_ckpt_nimg = st["cur_nimg"], st["tick"], st["step"], st["cur_nimg"]
+        last_metrics_nimg = st.get("metrics_nimg", cur_nimg)
         prev_phase = phase_at(cfg, st["phase_nimg"], world_size) if st.get("phase_nimg") is not None else None
         per_rank = ck["per_rank"][rank] if rank < len(ck["per_rank"]) else None
         if per_rank is not None:
@@ -283,7 +288,7 @@ def training_loop(
             "G": G.state_dict(), "D": D.state_dict(), "G_ema": G_ema.state_dict(),
             "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(),
             "state": {"cur_nimg": cur_nimg, "tick": tick, "step": step, "phase_nimg": phase_nimg,
-                      "w_avg": G.w_avg.detach().cpu()},
+                      "metrics_nimg": last_metrics_nimg, "w_avg": G.w_avg.detach().cpu()},
             "per_rank": gathered,
             "config": to_dict(cfg),
             "extra": extra,
@@ -376,6 +381,11 @@ def training_loop(
             grid_path = save_grid(imgs, sample_dir / f"grid-{cur_nimg:010d}.png")
             last_grid = grid_path
             stats_out["grid"] = str(grid_path)
+        if metrics_due(cfg, cur_nimg, last_metrics_nimg, done):  # collective: every rank takes part
+            stats_out.update(run_training_metrics(
+                cfg, G_ema, cfg.metrics.data or metrics_data, cur_nimg, rank=rank, world_size=world_size,
+                device=device, gather=torch_distributed_gather if ddp else None, log=say))
+            last_metrics_nimg = cur_nimg
         stopping = done or (stop_after_ticks is not None and ticks_this_call >= stop_after_ticks)
         ckpt_path = None
         if stopping or cur_nimg - last_ckpt_nimg >= cfg.train.checkpoint_kimg * 1000:

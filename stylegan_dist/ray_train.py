@@ -89,7 +89,7 @@ def train_worker(config: dict[str, Any]) -> None:
     try:
         training_loop(
             cfg, source, run_dir, rank=rank, world_size=world_size, device=device, resume=resume, report=report,
-            extra_state={"mlflow_run_id": run_id}, checkpoint_dir=local_ckpts,
+            extra_state={"mlflow_run_id": run_id}, checkpoint_dir=local_ckpts, metrics_data=config["data"],
             log=_console if rank == 0 else None, stop_after_ticks=config.get("max_ticks"),
         )
     except NonFiniteLossError as e:

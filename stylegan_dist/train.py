@@ -313,7 +313,8 @@ def run_local(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
     t0 = time.time()
     try:
         result = training_loop(cfg, source, run_dir, device=device, resume=resume, report=report,
-                               extra_state={"mlflow_run_id": run_id}, stop_after_ticks=args.max_ticks)
+                               extra_state={"mlflow_run_id": run_id}, stop_after_ticks=args.max_ticks,
+                               metrics_data=args.data)
     except NonFiniteLossError as e:
         logger.terminate("FAILED")
         return fail(str(e), code=1)

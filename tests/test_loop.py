@@ -94,3 +94,20 @@ def test_checkpoint_write_is_atomic(tmp_path):
     (tmp_path / "ckpt-0000000002.pt").write_bytes(b"garbage")
     with pytest.raises(ckpt_mod.CheckpointError, match="could not be read"):
         ckpt_mod.load_checkpoint(tmp_path / "ckpt-0000000002.pt")
+
+
+@pytest.mark.slow
+def test_metrics_run_periodically_in_training(tmp_path):
+    from stylegan_dist.metrics.testing import make_synthetic_dataset, write_random_weight_files
+
+    w = write_random_weight_files(tmp_path / "weights")
+    data = make_synthetic_dataset(tmp_path / "data", num_images=64, resolution=32)
+    cfg = _cfg("metrics.names=ppl_wend,fid50k", "metrics.kimg=0.2", "metrics.num=16", "metrics.batch_size=8",
+               f"metrics.vgg16_weights={w['vgg16']}", f"metrics.lpips_weights={w['lpips']}",
+               f"metrics.inception_weights={w['inception']}", f"metrics.cache_dir={tmp_path / 'cache'}")
+    res = training_loop(cfg, TensorSource(random_images()), tmp_path / "run", log=None, metrics_data=data)
+    with_metrics = [h for h in res.history if "ppl_wend" in h]
+    # due at the first tick end past 0.2 kimg and at the end
+    assert [h["cur_nimg"] for h in with_metrics] == [224, 400]
+    assert all(h["ppl_wend"] > 0 and h["fid50k"] > 0 for h in with_metrics)
+    assert _state(res.checkpoint)["state"]["metrics_nimg"] == 400

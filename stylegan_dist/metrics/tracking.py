@@ -1,0 +1,48 @@
+"""Logging metric values and figures into an existing MLflow run (through ``stylegan_dist.tracking``).
+
+The tracking URI is the one given, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<absolute ./mlflow.db>``;
+relative sqlite/file locations are made absolute. Values go in by run id through ``MlflowClient``, so a
+run that is still training keeps its status, and at step = the checkpoint's image count, as training logs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .registry import MetricError
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    from ..tracking import absolute_uri
+
+    return absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+
+
+def _logger(run_id: str, uri: str | None):
+    try:
+        from ..tracking import RunLogger, run_exists
+    except ImportError:
+        raise MetricError("Logging to MLflow needs the mlflow package; install it or leave out --mlflow-run.") \
+            from None
+    uri = resolve_tracking_uri(uri)
+    if not run_exists(uri, run_id):
+        raise MetricError(f"MLflow run {run_id} was not found in the tracking store {uri}; set "
+                          f"MLFLOW_TRACKING_URI (or --tracking-uri) to the store the training run used.")
+    return RunLogger(uri, run_id)
+
+
+def check_run(run_id: str, uri: str | None = None) -> None:
+    """Raise MetricError (one sentence) unless the run exists in the tracking store."""
+    _logger(run_id, uri)
+
+
+def log_metrics(run_id: str, values: dict[str, float], step: int = 0, uri: str | None = None) -> None:
+    _logger(run_id, uri).log_metrics(values, step=int(step))
+
+
+def log_artifacts(run_id: str, paths: list[str | Path], artifact_path: str = "figures", uri: str | None = None
+                  ) -> None:
+    logger = _logger(run_id, uri)
+    for p in paths:
+        logger.log_artifact(p, artifact_path)

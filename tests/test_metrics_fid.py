@@ -1,0 +1,232 @@
+"""FID: Fréchet distance math, exact combination of per-worker statistics, the real-statistics cache,
+and the FID Inception's weight-file format."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from conftest import tiny_config
+
+from stylegan_dist.metrics import MetricError, MetricOptions, calc_metric, frechet
+from stylegan_dist.metrics.fid import fake_stats_partial, fid_from_partials
+from stylegan_dist.metrics.frechet import FeatureStats, frechet_distance
+from stylegan_dist.metrics.inception import FIDInceptionV3, load_inception
+from stylegan_dist.metrics.testing import TinyExtractor, make_synthetic_dataset, run_ranks
+from stylegan_dist.metrics.weights import resolve_weight
+from stylegan_dist.networks import build_generator
+
+
+@pytest.fixture(scope="module")
+def synthetic32(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "shapes32", num_images=256, resolution=32)
+
+
+def scipy_fid(x1: np.ndarray, x2: np.ndarray) -> float:
+    mu1, mu2 = x1.mean(0), x2.mean(0)
+    s1, s2 = np.cov(x1, rowvar=False), np.cov(x2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def stats_of(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = FeatureStats(x.shape[1])
+    s.append(x)
+    return s.mean_cov()
+
+
+@pytest.mark.parametrize("n,d", [(400, 32), (300, 64), (50, 16)])
+def test_frechet_distance_matches_scipy(n, d):
+    rng = np.random.default_rng(d)
+    x1 = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) * 0.5
+    x2 = rng.standard_normal((n, d)) * rng.uniform(0.5, 2.0, d) + rng.standard_normal(d)
+    ours = frechet_distance(*stats_of(x1), *stats_of(x2))
+    ref = scipy_fid(x1, x2)
+    assert ours == pytest.approx(ref, rel=1e-6)
+
+
+def test_feature_stats_match_numpy_and_merge_exactly():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((257, 12)) * 3 + 1
+    mu, cov = stats_of(x)
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(x, rowvar=False), rtol=1e-10, atol=1e-12)
+    parts = []
+    for chunk in np.split(x, [3, 100, 101]):  # uneven slices, one of a single sample
+        s = FeatureStats(12)
+        s.append(chunk)
+        parts.append(s)
+    mu2, cov2 = FeatureStats.merge(parts).mean_cov()
+    np.testing.assert_allclose(mu2, mu, rtol=1e-12)
+    np.testing.assert_allclose(cov2, cov, rtol=1e-10, atol=1e-12)
+
+
+def test_fid_of_a_set_against_itself_is_zero():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((500, 48)) @ rng.standard_normal((48, 48))
+    mu, s = stats_of(x)
+    assert abs(frechet_distance(mu, s, mu, s)) < 1e-8 * np.trace(s)
+    # ...and a shifted copy is exactly the squared shift away.
+    assert frechet_distance(mu, s, mu + 0.5, s) == pytest.approx(0.25 * 48, rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# The metric end to end on tiny networks and the synthetic dataset
+
+
+class ReplayGenerator(torch.nn.Module):
+    """Returns the dataset's images in order, whatever the latents: FID against the same images is ~0."""
+
+    def __init__(self, images_u8: torch.Tensor):
+        super().__init__()
+        self.images = images_u8.float() / 127.5 - 1.0
+        self.pos = 0
+        self.latent_dim, self.num_ws, self.max_resolution = 4, 1, images_u8.shape[-1]
+        object.__setattr__(self, "synthesis", self)  # not a submodule (that would recurse)
+
+    def map(self, z, *args, **kw):
+        return z[:, None, :]
+
+    def noise_shapes(self, resolution):
+        return []
+
+    def forward(self, ws, resolution, alpha=1.0, noise=None):
+        out = self.images[self.pos:self.pos + len(ws)]
+        self.pos += len(ws)
+        return out
+
+
+def _opts(G, data, tmp_path, extractor, **kw):
+    return MetricOptions(G=G, resolution=32, data=str(data), batch_size=16, inception=extractor,
+                         cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_fid_metric_of_the_dataset_against_itself(synthetic32, tmp_path):
+    from data_pipeline.stream import iter_images
+
+    images = torch.cat(list(iter_images(synthetic32, 32, 64)))[:96]
+    res = calc_metric("fid50k", _opts(ReplayGenerator(images), synthetic32, tmp_path, TinyExtractor(), num=96))
+    assert abs(res["results"]["fid50k"]) < 1e-6
+    # A random generator is far from the data.
+    G = build_generator(tiny_config(resolution=32)).eval()
+    res = calc_metric("fid50k", _opts(G, synthetic32, tmp_path, TinyExtractor(), num=96))
+    assert res["results"]["fid50k"] > 0.01
+
+
+def test_real_statistics_cache_hit_and_corrupted_file_rebuilt(synthetic32, tmp_path):
+    G = build_generator(tiny_config(resolution=32)).eval()
+    ext = TinyExtractor()
+    num = 64
+    first = calc_metric("fid50k", _opts(G, synthetic32, tmp_path, ext, num=num))["results"]["fid50k"]
+    assert ext.calls == 2 * num  # reals + fakes
+    files = list((tmp_path / "cache").glob("fid-reals-*.npz"))
+    assert len(files) == 1 and not list((tmp_path / "cache").glob(".*tmp*"))
+
+    ext.calls = 0
+    second = calc_metric("fid50k", _opts(G, synthetic32, tmp_path, ext, num=num))["results"]["fid50k"]
+    assert ext.calls == num  # fakes only: the reals came from the cache
+    assert second == first
+
+    # A different sample count or extractor is a different cache entry.
+    calc_metric("fid50k", _opts(G, synthetic32, tmp_path, TinyExtractor(seed=1), num=num))
+    assert len(list((tmp_path / "cache").glob("fid-reals-*.npz"))) == 2
+
+    # Truncated file: rebuilt, not trusted.
+    data = files[0].read_bytes()
+    files[0].write_bytes(data[: len(data) // 2])
+    ext.calls = 0
+    third = calc_metric("fid50k", _opts(G, synthetic32, tmp_path, ext, num=num))["results"]["fid50k"]
+    assert ext.calls == 2 * num and third == pytest.approx(first, rel=1e-9)
+
+    # Readable file with tampered values: the digest no longer matches, so it is rebuilt too.
+    with np.load(files[0]) as f:
+        fields = {k: f[k] for k in f.files}
+    key = str(fields["key"])
+    fields["mu"] = fields["mu"] + 1.0
+    with open(files[0], "wb") as fh:
+        np.savez(fh, **fields)
+    assert frechet.load_cached_stats(files[0], key) is None
+    ext.calls = 0
+    fourth = calc_metric("fid50k", _opts(G, synthetic32, tmp_path, ext, num=num))["results"]["fid50k"]
+    assert ext.calls == 2 * num and fourth == pytest.approx(first, rel=1e-9)
+
+
+def test_fid_two_workers_equal_one(synthetic32, tmp_path):
+    G = build_generator(tiny_config(resolution=32)).eval()
+    ext = TinyExtractor()
+    single = calc_metric("fid50k", _opts(G, synthetic32, tmp_path, ext, num=80))["results"]["fid50k"]
+
+    def rank_fn(rank, gather):
+        o = _opts(G, synthetic32, tmp_path / f"fresh{rank}", ext, num=80, rank=rank, world_size=2, gather=gather)
+        return calc_metric("fid50k", o)["results"]["fid50k"]
+
+    two = run_ranks(2, rank_fn)
+    assert two[0] == two[1]
+    assert two[0] == pytest.approx(single, rel=1e-9)
+
+
+def test_fid_over_a_real_gloo_process_group(synthetic32, tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+    from conftest import TINY
+
+    from stylegan_dist.metrics.testing import distributed_worker
+
+    kwargs = {"config": ["model.resolution=32", *TINY], "resolution": 32, "data": synthetic32, "num": 48,
+              "batch_size": 16, "cache_dir": str(tmp_path / "cache")}
+    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), "fid50k", dict(kwargs), str(tmp_path)),
+             nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text())["fid50k"] for r in range(2)]
+    torch.manual_seed(0)
+    G = build_generator(tiny_config(resolution=32)).eval()
+    single = calc_metric("fid50k", _opts(G, synthetic32, tmp_path / "single", TinyExtractor(), num=48))
+    assert got[0] == got[1] == pytest.approx(single["results"]["fid50k"], rel=1e-9)
+
+
+def test_partials_combine_to_the_single_process_statistics():
+    G = build_generator(tiny_config(resolution=32)).eval()
+    ext = TinyExtractor()
+    base = MetricOptions(G=G, resolution=32, batch_size=8)
+    whole = fake_stats_partial(base, ext, 40)
+    parts = [fake_stats_partial(base.replace(rank=r, world_size=3), ext, 40) for r in range(3)]
+    assert [p.count for p in parts] == [16, 16, 8]  # chunks of 8: ranks get 2, 2, 1 of the 5 chunks
+    real = whole.mean_cov()
+    assert fid_from_partials(parts, real) == pytest.approx(fid_from_partials([whole], real), abs=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+
+
+@pytest.mark.slow
+def test_inception_weight_file_loads_strictly(tmp_path):
+    net = FIDInceptionV3().randomize(torch.Generator().manual_seed(0))
+    path = tmp_path / "pt_inception.pth"
+    state = net.state_dict()
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    loaded = load_inception(path)
+    x = (torch.rand(2, 3, 16, 16) * 255).to(torch.uint8)
+    feats = loaded(x)
+    assert feats.shape == (2, 2048)
+    torch.testing.assert_close(feats, net(x))
+    assert loaded.ident.startswith("fid-inception-v3:") and loaded.ident != net.ident
+
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(state, path)
+    with pytest.raises(MetricError, match="not in the expected format"):
+        load_inception(path)
+
+
+def test_missing_weight_file_is_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setenv("STYLEGAN_INCEPTION_WEIGHTS", str(tmp_path / "nope.pth"))
+    with pytest.raises(MetricError) as e:
+        resolve_weight("inception")
+    msg = str(e.value)
+    assert "pt_inception-2015-12-05-6726825d.pth" in msg and "STYLEGAN_INCEPTION_WEIGHTS" in msg
+    assert str(tmp_path / "nope.pth") in msg
+    assert msg.endswith(".") and ". " not in msg
+    monkeypatch.delenv("STYLEGAN_INCEPTION_WEIGHTS")
+    monkeypatch.setenv("STYLEGAN_WEIGHTS_DIR", str(tmp_path))
+    (tmp_path / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"x")
+    assert resolve_weight("inception") == tmp_path / "pt_inception-2015-12-05-6726825d.pth"
