@@ -6,7 +6,8 @@ from local files (options below, or STYLEGAN_INCEPTION_WEIGHTS, STYLEGAN_VGG16_W
 STYLEGAN_LPIPS_WEIGHTS, STYLEGAN_CLASSIFIER, or STYLEGAN_WEIGHTS_DIR); nothing is downloaded.
 
 Values go to the MLflow run given by --mlflow-run, else to the run recorded in the checkpoint (if any),
-at step = the checkpoint's image count; the tracking store is MLFLOW_TRACKING_URI, else ./mlflow.db.
+at step = the checkpoint's image count; the tracking store is MLFLOW_TRACKING_URI, else the
+mlflow.db that training wrote beside the run (STORAGE/mlflow.db), else ./mlflow.db.
 
 Examples:
   python -m stylegan_dist.evaluate --checkpoint CKPT --data data/shapes64 --metrics fid50k --num 10000
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "held-out balanced accuracy (default: 0.8; classifiers without recorded accuracy: all)")
     ap.add_argument("--mlflow-run", metavar="ID", help="MLflow run to log into (default: the checkpoint's run)")
     ap.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking store (default: MLFLOW_TRACKING_URI, "
-                    "else sqlite:///./mlflow.db made absolute)")
+                    "else the mlflow.db of the training run holding the checkpoint, else ./mlflow.db)")
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     ap.add_argument("--out", metavar="JSON", help="also write the results to this JSON file")
     ap.add_argument("--list", action="store_true", help="list the metric names and exit")
@@ -78,6 +79,10 @@ def _write_json(obj, path: str | Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not getattr(args, "tracking_uri", None):  # the store of the training run holding the checkpoint, if any
+        from .tracking import uri_for_checkpoint
+
+        args.tracking_uri = uri_for_checkpoint(getattr(args, "checkpoint", None))
     if args.list:
         print("\n".join(list_metrics()))
         return 0

@@ -288,6 +288,10 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not getattr(args, "tracking_uri", None):  # the store of the training run holding the checkpoint, if any
+        from .tracking import uri_for_checkpoint
+
+        args.tracking_uri = uri_for_checkpoint(getattr(args, "checkpoint", None))
     from .metrics.registry import MetricError
 
     try:

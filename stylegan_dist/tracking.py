@@ -36,6 +36,18 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def uri_for_checkpoint(checkpoint: str | Path | None) -> str | None:
+    """MLFLOW_TRACKING_URI, else the STORAGE/mlflow.db that training wrote for the run holding ``checkpoint``
+    (STORAGE/RUN/checkpoint_*/ckpt.pt or STORAGE/RUN/checkpoints/ckpt-*.pt); None when there is neither."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return absolute_uri(os.environ["MLFLOW_TRACKING_URI"])
+    if checkpoint:
+        for parent in list(Path(checkpoint).expanduser().resolve().parents)[:4]:
+            if (parent / "mlflow.db").is_file():
+                return f"sqlite:///{parent / 'mlflow.db'}"
+    return None
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
