@@ -26,6 +26,25 @@ CKPT_FILE = "ckpt.pt"
 META_FILE = "meta.json"
 
 
+def init_ray():
+    """Connect to the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local Ray instance."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        # Small machines need at least 4 logical CPUs for the workers, Ray Data and the Train controller.
+        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
 def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch

@@ -111,24 +111,6 @@ def _move_aside(run_dir: Path) -> Path:
     return target
 
 
-def _init_ray(args: argparse.Namespace):
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if ray.is_initialized():
-        return ray
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # Small machines need at least 4 logical CPUs for the workers, Ray Data and the controller.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1))
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    return ray
-
-
 def _plan_workers(args: argparse.Namespace, resources: dict) -> tuple[int, bool]:
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
     use_gpu = args.gpu or (gpus > 0 and not args.cpu)
@@ -185,9 +167,9 @@ def _log_config(uri: str, run_id: str, run_dir: Path, cfg: Config) -> None:
 
 
 def run_ray(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
-    from .ray_train import CKPT_FILE, build_trainer, latest_checkpoint_meta
+    from .ray_train import CKPT_FILE, build_trainer, init_ray, latest_checkpoint_meta
 
-    ray = _init_ray(args)
+    ray = init_ray()
     workers, use_gpu = _plan_workers(args, ray.cluster_resources())
     if args.restart and run_dir.exists():
         print(f"--restart: moved the previous run to {_move_aside(run_dir)}")

@@ -3,12 +3,9 @@ command as a subprocess connected through RAY_ADDRESS, and `ray job submit`."""
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,51 +31,6 @@ schedule:
   tick_kimg_dict: {}
 train: {checkpoint_kimg: 0.06, grid_size: 4}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update({"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                "RAY_DEDUP_LOGS": "0"})
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.update(extra)
-    return env
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A real local Ray cluster (head node only), stopped at the end."""
-    tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    port, dash = _free_port(), _free_port()
-    env = _env(RAY_TMPDIR=str(tmp))
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    # Every port explicit and free, so that another Ray instance on the machine cannot collide with this one.
-    ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-             f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}"]
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
-                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp}",
-                    "--disable-usage-stats", *ports], env=env, check=True, capture_output=True, timeout=180)
-    info = {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "ray": ray_bin}
-    try:
-        yield info
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "shapes16"
-    subprocess.run([sys.executable, "-m", "data_pipeline.synthetic", str(out), "--num-images", "256",
-                    "--resolution", "16", "--seed", "1"], check=True, capture_output=True, timeout=120)
-    return out
 
 
 @pytest.fixture
