@@ -413,7 +413,7 @@ def _build_locked(
             f = rec.get("file")
             if f is None or ((out / f).exists() and (out / f).stat().st_size == rec["bytes"]):
                 done[int(rec["index"])] = rec
-    todo = [i for i in range(num_shards) if i not in done]
+    pending = [i for i in range(num_shards) if i not in done]
 
     def save_state() -> None:
         atomic_write_json(
@@ -426,7 +426,7 @@ def _build_locked(
             if rec["skipped"]:
                 raise _strict_error(rec)
 
-    remaining_inputs = sum(min(n, (i + 1) * shard_size) - i * shard_size for i in todo)
+    remaining_inputs = sum(min(n, (i + 1) * shard_size) - i * shard_size for i in pending)
     need = remaining_inputs * _estimate_bytes_per_image(cfg)
     free = shutil.disk_usage(out).free
     if need > free:
@@ -436,9 +436,9 @@ def _build_locked(
     save_state()
 
     workers = cfg.workers or os.cpu_count() or 1
-    workers = max(1, min(workers, len(todo))) if todo else 1
+    workers = max(1, min(workers, len(pending))) if pending else 1
     if done:
-        _log(cfg, f"[{cfg.tool}] resuming: {len(done)}/{num_shards} shards already done, {len(todo)} to go")
+        _log(cfg, f"[{cfg.tool}] resuming: {len(done)}/{num_shards} shards already done, {len(pending)} to go")
     _log(
         cfg,
         f"[{cfg.tool}] {n} inputs -> {num_shards} shards of {shard_size}, "
@@ -491,7 +491,7 @@ def _build_locked(
             _init_worker(cfg, processed_counter)
             _WORKER["tick"] = lambda: report(processed_counter.value)
             try:
-                for i in todo:
+                for i in pending:
                     if cfg.stop_after_shards is not None and shards_built >= cfg.stop_after_shards:
                         raise KeyboardInterrupt
                     lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
@@ -510,7 +510,7 @@ def _build_locked(
                 max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(cfg, processed_counter)
             ) as pool:
                 futures = {}
-                for i in todo:
+                for i in pending:
                     lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
                     futures[pool.submit(_build_shard, i, lo, hi, fingerprint)] = i
                 pending = set(futures)

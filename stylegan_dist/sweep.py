@@ -310,9 +310,9 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                     if (not m.startswith("ppl") or bool(section.ppl_crop) == spec.evaluate.ppl_crop)
                     and all(isinstance(last.get(o), (int, float)) for o in Evaluate(metrics=(m,)).outputs())]
     metrics = {o: float(last[o]) for o in Evaluate(metrics=tuple(reusable)).outputs()}
-    todo = [m for m in spec.evaluate.metrics if m not in reusable]
+    pending = [m for m in spec.evaluate.metrics if m not in reusable]
     eval_seconds = 0.0
-    if todo:
+    if pending:
         ev = spec.evaluate
         logger.set_tag("sweep.status", "evaluating")
         t1 = time.time()
@@ -323,7 +323,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             scheduling_strategy="DEFAULT")
         try:
             metrics.update(ray.get(task.remote(
-                checkpoint, ctx["data"], todo, num=ev.num, batch=ev.batch, seed=ev.seed, weights=ctx["weights"],
+                checkpoint, ctx["data"], pending, num=ev.num, batch=ev.batch, seed=ev.seed, weights=ctx["weights"],
                 ppl_crop=ev.ppl_crop, cache_dir=ev.cache_dir, device="cuda" if ctx["use_gpu"] else "cpu",
                 threads=max(1, int(ctx["cpus_per_worker"])))))
         except Exception:
@@ -331,7 +331,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             logger.terminate("FAILED")
             raise
         eval_seconds = time.time() - t1
-        logger.log_metrics({**{k: metrics[k] for k in Evaluate(metrics=tuple(todo)).outputs()},
+        logger.log_metrics({**{k: metrics[k] for k in Evaluate(metrics=tuple(pending)).outputs()},
                             "eval_seconds": eval_seconds}, step=newest["cur_nimg"])
     result = {"status": "finished", "label": spec.label(point), "key": key, "mlflow_run_id": run_id,
               "kimg": newest["cur_nimg"] / 1000, "cur_nimg": newest["cur_nimg"], "metrics": metrics,
