@@ -78,12 +78,14 @@ def test_channels_last_matches_fp32(reference):
 
 
 @pytest.fixture
-def eager_rng_under_compile(monkeypatch):
+def eager_rng_under_compile():
     # Inductor draws the noise inputs from its own RNG (same distribution, another stream); with
     # fallback_random it uses eager's, so compiled and eager runs see the same noise and can be compared.
+    # (inductor's own patch(): monkeypatch's undo deletes the key from inductor's config module.)
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    with inductor_config.patch(fallback_random=True):
+        yield
 
 
 @pytest.mark.slow
