@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -647,3 +648,23 @@ def summary_lines(manifest: dict[str, Any], out: str) -> list[str]:
     if len(manifest["skipped"]) > 5:
         lines.append(f"    ... see 'skipped' in {os.path.join(out, MANIFEST_NAME)}")
     return lines
+
+
+def cli_main(tool: str, run: Callable[[list[str] | None], dict[str, Any]], argv: list[str] | None) -> int:
+    """The shared command-line wrapper of prepare and synthetic: one-sentence errors, resumable interruptions
+    (exit 130), and the summary."""
+    install_sigterm_handler()
+    try:
+        manifest = run(argv)
+    except DatasetInterrupted as exc:
+        print(f"{tool}: {exc}", file=sys.stderr)
+        return 130
+    except DatasetError as exc:
+        print(f"{tool}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{tool}: interrupted; run the same command again to finish the job.", file=sys.stderr)
+        return 130
+    for line in summary_lines(manifest, manifest["_out"]):
+        print(line)
+    return 0

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .builder import BuildConfig, DatasetInterrupted, HelpFormatter, build, install_sigterm_handler, summary_lines
-from .format import DatasetError, parse_encoding_option, resolution_levels
+from .builder import BuildConfig, HelpFormatter, build, cli_main
+from .format import parse_encoding_option, resolution_levels
 from .images import (
     RESIZE_FILTER,
     SkipImage,
@@ -198,21 +198,7 @@ def run(argv: list[str] | None = None, *, stop_after_shards: int | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    install_sigterm_handler()
-    try:
-        manifest = run(argv)
-    except DatasetInterrupted as exc:
-        print(f"prepare: {exc}", file=sys.stderr)
-        return 130
-    except DatasetError as exc:
-        print(f"prepare: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("prepare: interrupted; run the same command again to finish the job.", file=sys.stderr)
-        return 130
-    for line in summary_lines(manifest, manifest["_out"]):
-        print(line)
-    return 0
+    return cli_main("prepare", run, argv)
 
 
 if __name__ == "__main__":

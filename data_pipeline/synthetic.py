@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .builder import BuildConfig, DatasetInterrupted, HelpFormatter, build, install_sigterm_handler, summary_lines
+from .builder import BuildConfig, HelpFormatter, build, cli_main
 from .format import DatasetError, parse_encoding_option, resolution_levels
 
 GENERATOR_VERSION = 1
@@ -231,21 +231,7 @@ def run(argv: list[str] | None = None, *, stop_after_shards: int | None = None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    install_sigterm_handler()
-    try:
-        manifest = run(argv)
-    except DatasetInterrupted as exc:
-        print(f"synthetic: {exc}", file=sys.stderr)
-        return 130
-    except DatasetError as exc:
-        print(f"synthetic: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("synthetic: interrupted; run the same command again to finish the job.", file=sys.stderr)
-        return 130
-    for line in summary_lines(manifest, manifest["_out"]):
-        print(line)
-    return 0
+    return cli_main("synthetic", run, argv)
 
 
 if __name__ == "__main__":
