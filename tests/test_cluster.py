@@ -250,6 +250,6 @@ def test_documented_commands_exist(path):
             swept = Path(args.sweep.removeprefix("/app/"))
             assert (ROOT / swept).is_file(), f"{path}: {args.sweep}"
     for ref in re.findall(r"(?<![\w/])((?:cluster|sweeps)/[\w./-]+\.(?:yaml|md))", text):
-        if Path(ref).stem.isupper():  # a placeholder such as sweeps/NAME.yaml
+        if Path(ref).stem.isupper():  # a template name such as sweeps/NAME.yaml
             continue
         assert (ROOT / ref).is_file(), f"{path} mentions {ref}"

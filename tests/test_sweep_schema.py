@@ -29,7 +29,7 @@ def test_every_shipped_sweep_loads_and_smoke_is_small():
     for name in names:
         spec = load_sweep(SWEEPS / f"{name}.yaml")
         assert spec.name == name
-        assert spec.data is None, "shipped sweeps take the dataset from --data, never a placeholder"
+        assert spec.data is None, "shipped sweeps take the dataset from --data, never a stand-in path"
         assert spec.num_trials() == len(spec.grid_points()) >= 2
     smoke = load_sweep(SWEEPS / "smoke.yaml")
     assert smoke.num_trials() == 2 and smoke.resources.gpu is False and smoke.evaluate.metrics == ()
