@@ -541,6 +541,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import fail
     from .tracking import absolute_uri, resolve_tracking_uri
 
     args = parse_args(argv)
@@ -558,8 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         report(uri, args.experiment, Path(args.out) if args.out else None, args.parent, args.paper_table,
                log_to_parent=not args.no_log)
     except CompareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     return 0
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
+from .cli import fail
 from .config import ConfigError
 from .generate import GenerateError, load_generator, resolve_device
 from .metrics import MetricError, calc_metric, list_metrics, parse_metric_list
@@ -141,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             vals = ", ".join(f"{k} = {v:.4f}" for k, v in r["results"].items())
             print(f"{name}: {vals} ({r['seconds']:.1f} s)")
     except (MetricError, CheckpointError, ConfigError, GenerateError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except KeyboardInterrupt:
         print("\nInterrupted; nothing was logged.", file=sys.stderr)
         return 130
@@ -165,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             timing = {f"time_{r['name']}": r["seconds"] for r in results}
             log_metrics(run_id, {**values, **timing}, step=info["cur_nimg"], uri=args.tracking_uri)
         except MetricError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return fail(str(e))
         print(f"Logged {', '.join(values)} to MLflow run {run_id} (step {info['cur_nimg']}).")
     return 0
 

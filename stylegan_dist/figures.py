@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError
+from .cli import fail
 from .config import ConfigError
 from .generate import (
     GenerateError,
@@ -302,8 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         written = run(args)
         log_to_mlflow(args.mlflow_run, written, args.tracking_uri)
     except (GenerateError, CheckpointError, ConfigError, MetricError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     return 0
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .cli import fail
 from .config import Config, ConfigError, from_dict
 from .images import grid_image, save_png, to_uint8
 from .networks import Generator, build_generator
@@ -186,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f" and {len(seeds)} PNGs in {args.outdir}" if args.outdir else "") + ".")
         log_to_mlflow(args.mlflow_run, [out], args.tracking_uri)
     except (GenerateError, CheckpointError, ConfigError, MetricError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     return 0
 
 
