@@ -262,20 +262,30 @@ REQUIRED_KEYS = ("format_version", "resolutions", "num_images", "shards", "encod
 
 
 def open_manifest(root: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate ``root/manifest.json``; raise :class:`DatasetError` with one sentence if unusable."""
-    root = Path(root)
-    if not root.exists():
-        raise DatasetError(f"Dataset directory {root} does not exist.")
-    if not root.is_dir():
-        raise DatasetError(f"Dataset path {root} is not a directory.")
-    path = root / MANIFEST_NAME
-    if not path.exists():
-        partial = (root / ".prepare-state.json").exists()
-        hint = " (preparation was interrupted; run the same command again to finish it)" if partial else ""
-        raise DatasetError(f"{root} has no {MANIFEST_NAME}, so it is not a prepared dataset{hint}.")
+    """Read and validate ``root/manifest.json`` (a local directory or a storage URI such as ``s3://bucket/data``);
+    raise :class:`DatasetError` with one sentence if unusable."""
+    from stylegan_dist import storage
+
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        root = storage.resolve(root)
+        if storage.is_uri(root):
+            storage.check_location(root, what="dataset")
+        if not storage.exists(root):
+            raise DatasetError(f"Dataset directory {root} does not exist.")
+        if storage.is_file(root):
+            raise DatasetError(f"Dataset path {root} is not a directory.")
+        path = storage.join(root, MANIFEST_NAME)
+        try:
+            text = storage.read_text(path)
+        except FileNotFoundError:
+            partial = storage.exists(storage.join(root, ".prepare-state.json"))
+            hint = " (preparation was interrupted; run the same command again to finish it)" if partial else ""
+            raise DatasetError(f"{root} has no {MANIFEST_NAME}, so it is not a prepared dataset{hint}.") from None
+    except storage.StorageError as e:
+        raise DatasetError(str(e)) from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as exc:
         raise DatasetError(f"{path} cannot be read as JSON ({exc}).") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise DatasetError(f"{path} is not a {FORMAT_NAME} manifest.")
@@ -290,8 +300,11 @@ def open_manifest(root: str | os.PathLike) -> dict[str, Any]:
     resolutions = manifest["resolutions"]
     if not resolutions or sorted(resolutions) != resolutions:
         raise DatasetError(f"{path} lists no resolutions or lists them out of order.")
+    present = set(storage.list_dir(root)) if storage.is_uri(root) else None
     for shard in manifest["shards"]:
-        if not (root / shard["file"]).exists():
+        found = shard["file"] in present if present is not None and "/" not in shard["file"] else \
+            storage.exists(storage.join(root, shard["file"]))
+        if not found:
             raise DatasetError(f"Shard {shard['file']} listed in {path} is missing.")
     total = sum(int(s["rows"]) for s in manifest["shards"])
     if total != manifest["num_images"]:

@@ -24,6 +24,7 @@ import io
 import json
 import math
 import os
+import posixpath
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -478,19 +479,27 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def write_report(comp: Comparison, out: Path, log_to_parent: bool = True) -> list[Path]:
-    """Markdown, CSV and charts into ``out``; also logged to the parent run under comparison/."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = [_write(out / "comparison.md", render_markdown(comp)), _write(out / "comparison.csv", render_csv(comp))]
-    files += render_charts(comp, out)
-    if log_to_parent and comp.parent_id:
-        client = _client(comp.uri)
-        for f in files:
-            client.log_artifact(comp.parent_id, str(f), "comparison")
-    return files
+def write_report(comp: Comparison, out: str | Path, log_to_parent: bool = True) -> list[str]:
+    """Markdown, CSV and charts into ``out`` (a directory or a storage URI, each file written atomically); also
+    logged to the parent run under comparison/."""
+    import tempfile
+
+    from . import storage
+
+    with tempfile.TemporaryDirectory(prefix="sgd-report-") as tmp:
+        local = Path(tmp)
+        files = [_write(local / "comparison.md", render_markdown(comp)),
+                 _write(local / "comparison.csv", render_csv(comp))]
+        files += render_charts(comp, local)
+        written = [storage.upload(f, storage.join(out, f.name)) for f in files]
+        if log_to_parent and comp.parent_id:
+            client = _client(comp.uri)
+            for f in files:
+                client.log_artifact(comp.parent_id, str(f), "comparison")
+    return written
 
 
-def report(uri: str, experiment: str, out: Path | None = None, parent_id: str | None = None,
+def report(uri: str, experiment: str, out: str | Path | None = None, parent_id: str | None = None,
            paper_table: str | None = None, log_to_parent: bool = True, stream=None) -> Comparison:
     """Collect, write and print; returns the comparison (used by the sweep launcher at the end)."""
     stream = stream or sys.stdout
@@ -503,19 +512,24 @@ def report(uri: str, experiment: str, out: Path | None = None, parent_id: str | 
     print(f"\n{comp.experiment}: {len(comp.rows)} trial(s)" + (f"; paper: {table.title}" if table else ""),
           file=stream)
     print(markdown_table(header, body), file=stream)
-    print(f"Wrote {', '.join(f.name for f in files)} to {out}"
+    print(f"Wrote {', '.join(posixpath.basename(f) for f in files)} to {out}"
           + (f"; logged to MLflow run {comp.parent_id} under comparison/" if log_to_parent and comp.parent_id else ""),
           file=stream)
     return comp
 
 
-def default_out(comp: Comparison) -> Path:
+def default_out(comp: Comparison) -> str:
+    from . import storage
+
     parent_dir = None
     if comp.parent_id:
         parent_dir = _client(comp.uri).get_run(comp.parent_id).data.tags.get("sweep.dir")
-    if parent_dir and Path(parent_dir).is_dir():
-        return Path(parent_dir) / "report"
-    return Path("reports") / comp.experiment
+    try:
+        if parent_dir and storage.is_dir(parent_dir):
+            return storage.join(parent_dir, "report")
+    except storage.StorageError:
+        pass
+    return storage.join("reports", comp.experiment)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,8 +540,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m stylegan_dist.compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", required=True, help="MLflow experiment of the sweep (its name)")
-    ap.add_argument("--out", metavar="DIR", help="output folder (default: the sweep's report/ folder, else "
-                    "reports/EXPERIMENT)")
+    ap.add_argument("--out", metavar="DIR|URI", help="output folder or storage URI (default: the sweep's report/ "
+                    "folder, else reports/EXPERIMENT)")
     ap.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking store (default: MLFLOW_TRACKING_URI, "
                     "else STORAGE/mlflow.db)")
     ap.add_argument("--storage", metavar="DIR", default="runs", help="where sweeps and runs are stored, for the "
@@ -542,6 +556,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     from .cli import fail
+    from .storage import StorageError
     from .tracking import absolute_uri, resolve_tracking_uri
 
     args = parse_args(argv)
@@ -556,9 +571,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise CompareError(f"No MLflow store at {db}; pass --storage (the sweep's storage folder), "
                                    f"--tracking-uri or set MLFLOW_TRACKING_URI.")
             uri = f"sqlite:///{db}"
-        report(uri, args.experiment, Path(args.out) if args.out else None, args.parent, args.paper_table,
+        report(uri, args.experiment, args.out or None, args.parent, args.paper_table,
                log_to_parent=not args.no_log)
-    except CompareError as e:
+    except (CompareError, StorageError) as e:
         return fail(str(e))
     return 0
 

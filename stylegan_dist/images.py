@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from . import storage
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
@@ -48,15 +50,13 @@ def grid_image(images: torch.Tensor, cols: int | None = None, min_cell: int = 64
     return grid
 
 
-def save_png(array: np.ndarray, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_png(array: np.ndarray, path: str | Path) -> str:
+    """Write a PNG to a local path or a storage URI, atomically."""
     img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return storage.write_bytes(path, buf.getvalue())
 
 
-def save_grid(images: torch.Tensor, path: str | Path, cols: int | None = None, min_cell: int = 64) -> Path:
+def save_grid(images: torch.Tensor, path: str | Path, cols: int | None = None, min_cell: int = 64) -> str:
     return save_png(grid_image(images, cols, min_cell), path)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_mod
+from . import storage
 from .config import Config, to_dict, to_yaml
 from .data import BatchSource
 from .images import fade_reals, save_grid, to_float
@@ -39,13 +40,13 @@ class NonFiniteLossError(RuntimeError):
 class LoopResult:
     cur_nimg: int
     ticks: int
-    checkpoint: Path | None
-    grid: Path | None
+    checkpoint: str | None  # location (local path or storage URI)
+    grid: str | None
     finished: bool  # reached schedule.total_kimg
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-Report = Callable[[dict[str, Any], "Path | None"], None]
+Report = Callable[[dict[str, Any], "str | None"], None]
 
 
 def configure_perf(cfg: Config, device: torch.device) -> None:
@@ -184,7 +185,7 @@ def render_grid(G_ema: Generator, z: torch.Tensor, noise: list[torch.Tensor], re
 def training_loop(
     cfg: Config,
     source: BatchSource,
-    run_dir: str | Path,
+    run_dir: str | Path,  # local directory or storage URI
     *,
     rank: int = 0,
     world_size: int = 1,
@@ -206,7 +207,7 @@ def training_loop(
     ``metrics.data``) and are added to the tick's stats.
     """
     device = torch.device(device)
-    run_dir = Path(run_dir)
+    run_dir = storage.resolve(run_dir)
     ddp = world_size > 1
     is_main = rank == 0
     say = log if (is_main and log is not None) else (lambda _msg: None)
@@ -250,11 +251,10 @@ def training_loop(
         extra = {**ck.get("extra", {}), **extra}
         say(f"Resumed from {resume if not isinstance(resume, dict) else 'checkpoint'} at kimg {cur_nimg / 1000:.1f}.")
 
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else run_dir / "checkpoints"
-    sample_dir = run_dir / "samples"
+    ckpt_dir = storage.resolve(checkpoint_dir) if checkpoint_dir is not None else storage.join(run_dir, "checkpoints")
+    sample_dir = storage.join(run_dir, "samples")
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
     grid_z, grid_noise = grid_inputs(cfg, G, device)
 
     total_nimg = int(round(cfg.schedule.total_kimg * 1000))
@@ -268,13 +268,13 @@ def training_loop(
     stat_count = 0
     first_bad = torch.full([], -1, dtype=torch.long, device=device)
     ticks_this_call = 0
-    last_ckpt_path: Path | None = None
-    last_grid: Path | None = None
+    last_ckpt_path: str | None = None
+    last_grid: str | None = None
     history: list[dict[str, Any]] = []
     phase = phase_at(cfg, cur_nimg, world_size)
     done = cur_nimg >= total_nimg
 
-    def save_checkpoint() -> Path | None:
+    def save_checkpoint() -> str | None:
         per_rank = {"rng": _rng_state(device),
                     "source": source.state_dict() if hasattr(source, "state_dict") else None}
         gathered = [per_rank]
@@ -293,7 +293,7 @@ def training_loop(
             "config": to_dict(cfg),
             "extra": extra,
         }
-        path = ckpt_mod.atomic_save(state, ckpt_dir / ckpt_mod.checkpoint_name(cur_nimg))
+        path = ckpt_mod.atomic_save(state, storage.join(ckpt_dir, ckpt_mod.checkpoint_name(cur_nimg)))
         ckpt_mod.prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
         return path
 
@@ -378,7 +378,7 @@ def training_loop(
         snap = cfg.train.image_snapshot_ticks
         if is_main and snap and (tick % snap == 0 or done):
             imgs = render_grid(G_ema, grid_z, grid_noise, phase.resolution, phase.alpha)
-            grid_path = save_grid(imgs, sample_dir / f"grid-{cur_nimg:010d}.png")
+            grid_path = save_grid(imgs, storage.join(sample_dir, f"grid-{cur_nimg:010d}.png"))
             last_grid = grid_path
             stats_out["grid"] = str(grid_path)
         if metrics_due(cfg, cur_nimg, last_metrics_nimg, done):  # collective: every rank takes part

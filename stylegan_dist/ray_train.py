@@ -13,7 +13,6 @@ Only this module (and the sweep launcher) imports ``ray``. Each worker:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,26 +22,46 @@ from pathlib import Path
 from typing import Any
 
 CKPT_FILE = "ckpt.pt"
-META_FILE = "meta.json"
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
-def init_ray():
-    """Connect to the cluster in RAY_ADDRESS (as under ``ray job submit``) or start a local Ray instance."""
+def init_ray(num_cpus: int | None = None, log=print):
+    """Connect to the Ray cluster in RAY_ADDRESS (as under ``ray job submit``), else to a cluster already running on
+    this machine (``ray start``, address ``auto``), else start a local Ray instance of ``num_cpus`` logical CPUs."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if ray.is_initialized():
         return ray
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        # Small machines need at least 4 logical CPUs for the workers, Ray Data and the Train controller.
-        ray.init(num_cpus=max(4, os.cpu_count() or 1))
+    try:
+        if address:
+            ray.init(address=address)
+        else:
+            try:
+                ray.init(address="auto")
+                log(f"Connected to the running Ray cluster ({ray.get_runtime_context().gcs_address}).")
+            except ConnectionError:
+                # Small machines need at least 4 logical CPUs for the workers, Ray Data and the Train controller.
+                ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1))
+                log("Started a local Ray instance (no cluster was running; `ray start --head` makes one).")
+    except Exception as e:  # AuthenticationError, an unreachable address, ...
+        if type(e).__name__ == "AuthenticationError" or "uthentication" in str(e):
+            raise RayConnectError(f"The Ray cluster at {address or 'auto'} requires token authentication and no "
+                                  f"valid token was found; set RAY_AUTH_TOKEN (from `ray get-auth-token` on the "
+                                  f"head node) or RAY_AUTH_TOKEN_PATH.") from None
+        if isinstance(e, ConnectionError) or "connect" in str(e).lower():
+            raise RayConnectError(f"Cannot connect to the Ray cluster at {address or 'auto'}: "
+                                  f"{str(e).strip().splitlines()[0][:200]}.") from None
+        raise
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
+
+
+class RayConnectError(RuntimeError):
+    """No usable Ray cluster; the message is one sentence."""
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -73,10 +92,11 @@ def train_worker(config: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    run_dir = Path(config["run_dir"])
-    if config.get("pid_dir"):  # lets tests (and operators) find and signal worker processes
+    run_dir = config["run_dir"]  # local path or storage URI
+    if config.get("pid_dir"):  # lets tests (and operators) find and signal worker processes and their nodes
         Path(config["pid_dir"]).mkdir(parents=True, exist_ok=True)
-        (Path(config["pid_dir"]) / f"rank{rank}.pid").write_text(str(os.getpid()))
+        node = ray.get_runtime_context().get_node_id()
+        (Path(config["pid_dir"]) / f"rank{rank}.pid").write_text(f"{os.getpid()} {node}")
 
     resume = None
     restored = ray.train.get_checkpoint()
@@ -90,7 +110,7 @@ def train_worker(config: dict[str, Any]) -> None:
     local_ckpts = Path(tempfile.mkdtemp(prefix=f"sgd-ckpt-r{rank}-"))
     source = RayBatchSource(config["data"], seed=cfg.train.seed, mirror=cfg.train.mirror, rank=rank)
 
-    def report(stats: dict[str, Any], ckpt_path: Path | None) -> None:
+    def report(stats: dict[str, Any], ckpt_path: str | None) -> None:
         metrics = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if logger is not None:
             logger.log_metrics(metrics, step=int(stats["cur_nimg"]))
@@ -101,9 +121,12 @@ def train_worker(config: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory(prefix="sgd-report-") as tmp:
             shutil.move(str(ckpt_path), Path(tmp) / CKPT_FILE)
-            meta = {"cur_nimg": int(stats["cur_nimg"]), "kimg": stats["kimg"], "mlflow_run_id": run_id}
-            (Path(tmp) / META_FILE).write_text(json.dumps(meta))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            # Ray's checkpoint metadata (public API): what the driver needs to continue the run without
+            # downloading the checkpoint itself.
+            checkpoint.set_metadata({"cur_nimg": int(stats["cur_nimg"]), "kimg": stats["kimg"],
+                                     "mlflow_run_id": run_id, "config": config["cfg"]})
+            ray.train.report(metrics, checkpoint=checkpoint)
 
     try:
         training_loop(
@@ -125,63 +148,75 @@ def _console(line: str) -> None:
     sys.stdout.flush()
 
 
-def registered_checkpoints(run_dir: Path) -> set[str] | None:
-    """Checkpoint directories Ray has registered for the run (None when Ray wrote no snapshot yet).
+def run_checkpoints(run_dir: str) -> list[dict[str, Any]]:
+    """The checkpoints Ray Train has registered for a run (local path or storage URI), oldest first, read through
+    Ray's public ``Result.from_path``: a checkpoint is registered once every worker has made the report that
+    carried it, so a directory persisted by rank 0 whose report never completed is not listed. Each entry:
+    ``cur_nimg``, ``kimg``, ``mlflow_run_id``, ``config``, ``path`` (location of the checkpoint directory) and
+    ``checkpoint`` (the ``ray.train.Checkpoint``). Empty when the run has none (or does not exist)."""
+    from ray.train import Result
 
-    A checkpoint is registered once every worker has made the report that carried it; a directory persisted
-    by rank 0 whose report never completed (a worker died in between) is not resumed from by Ray."""
-    snap = run_dir / "checkpoint_manager_snapshot.json"
+    from . import storage
+
+    fs, fs_path = storage.filesystem(run_dir)
+    if not storage.exists(run_dir):
+        return []
     try:
-        results = json.loads(snap.read_text()).get("checkpoint_results", [])
-    except (OSError, ValueError):
-        return None
-    return {r["checkpoint_dir_name"] for r in results if "checkpoint_dir_name" in r}
-
-
-def latest_checkpoint_meta(run_dir: Path) -> dict[str, Any] | None:
-    """The newest registered Ray checkpoint of a run (by cur_nimg), from its small sidecar file."""
-    registered = registered_checkpoints(run_dir)
-    best = None
-    for meta_path in run_dir.glob(f"checkpoint_*/{META_FILE}"):
-        if registered is not None and meta_path.parent.name not in registered:
+        result = Result.from_path(fs_path, storage_filesystem=fs)
+    except RuntimeError:  # no Ray Train snapshot in that directory yet
+        return []
+    out = []
+    for checkpoint, metrics in result.best_checkpoints:
+        meta = checkpoint.get_metadata()
+        if "cur_nimg" not in meta:
             continue
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            continue
-        if (meta_path.parent / CKPT_FILE).is_file() and (best is None or meta["cur_nimg"] > best["cur_nimg"]):
-            best = {**meta, "path": str(meta_path.parent)}
-    return best
+        out.append({**meta, "path": storage.uri_of(checkpoint.path, run_dir), "checkpoint": checkpoint,
+                    "metrics": metrics})
+    return sorted(out, key=lambda m: m["cur_nimg"])
 
 
-def build_trainer(cfg_dict: dict[str, Any], *, data: str, run_dir: Path, workers: int, use_gpu: bool,
+def latest_checkpoint_meta(run_dir: str) -> dict[str, Any] | None:
+    """The newest registered checkpoint of a run (by cur_nimg), or None (see :func:`run_checkpoints`)."""
+    found = run_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def build_trainer(cfg_dict: dict[str, Any], *, data: str, run_dir: str, workers: int, use_gpu: bool,
                   cpus_per_worker: float, tracking_uri: str, mlflow_run_id: str, max_failures: int,
                   keep_checkpoints: int, max_ticks: int | None = None, pid_dir: str | None = None,
-                  callbacks: list | None = None):
+                  callbacks: list | None = None, placement: str = "PACK"):
+    """A TorchTrainer for one run. ``run_dir`` (local path or storage URI) is Ray Train's ``storage_path/name``:
+    Ray persists the checkpoints there itself, and a trainer built again for the same ``run_dir`` continues from
+    the newest one."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from data_pipeline.stream import make_ray_datasets
 
+    from . import storage
     from .config import from_dict
 
     cfg = from_dict(cfg_dict)
     levels = [r for r in (2**i for i in range(2, 14)) if cfg.schedule.start_resolution <= r <= cfg.model.resolution]
     datasets = make_ray_datasets(data, levels, seed=cfg.train.seed)
+    storage_fs, storage_path = storage.filesystem(storage.parent(run_dir))
+    if not storage.is_uri(run_dir):
+        storage_fs = None  # Ray's own local filesystem handling
     loop_config = {
-        "cfg": cfg_dict, "data": str(Path(data).resolve()), "run_dir": str(run_dir), "tracking_uri": tracking_uri,
-        "mlflow_run_id": mlflow_run_id, "max_ticks": max_ticks, "pid_dir": pid_dir,
+        "cfg": cfg_dict, "data": storage.resolve(data), "run_dir": storage.resolve(run_dir),
+        "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id, "max_ticks": max_ticks, "pid_dir": pid_dir,
         "threads_per_worker": max(1, int(cpus_per_worker)),
     }
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, placement_strategy=placement,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            name=storage.name(run_dir),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             callbacks=callbacks or [],

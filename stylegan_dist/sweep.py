@@ -28,11 +28,12 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from . import storage
 from .cli import fail
 from .config import ConfigError, flat_params, to_dict, to_yaml
+from .ray_train import RayConnectError
 from .sweep_schema import (
     Evaluate,
     SweepError,
@@ -41,6 +42,7 @@ from .sweep_schema import (
     load_sweep,
     sample_value,
 )
+from .tracking import TrackingError
 
 STATE_FILE = "sweep.json"
 RESULT_FILE = "result.json"
@@ -59,8 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="a config key for every trial (--set schedule.total_kimg=100) or a sweep key "
                     "(--set resources.workers=4, --set evaluate.metrics=[fid50k], --set num_samples=2, "
                     "--set search.generator.mixing_prob=[0,0.9]); repeatable, values are YAML")
-    ap.add_argument("--storage", metavar="DIR", help="where sweeps are stored; a shared filesystem path on a "
-                    "multi-node cluster (default: the file's storage:, else ./runs)")
+    ap.add_argument("--storage", metavar="DIR|URI", help="where sweeps are stored: a directory, or on a multi-node "
+                    "cluster an absolute shared path or an object-storage URI (s3://bucket/sweeps). Default: the "
+                    f"file's storage:, else ${storage.STORAGE_ENV}, else ./runs")
     ap.add_argument("--name", metavar="NAME", help="sweep name: its directory under --storage and its MLflow "
                     "experiment (default: the file's name:, else the file name)")
     ap.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the sweep name)")
@@ -119,23 +122,19 @@ def point_from_config(spec: SweepSpec, config: dict[str, Any]) -> TrialPoint:
 # Small file helpers
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+def _write_json(path: str, obj: Any) -> None:
+    storage.write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: str) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except (OSError, ValueError):
         return None
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path: str, text: str) -> None:
+    storage.write_text(path, text)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,7 +221,7 @@ def _lower(s: str) -> str:
 # One trial (runs inside a Ray Tune trial actor)
 
 
-def _trial_run_id(ctx: dict, spec: SweepSpec, point: TrialPoint, cfg, tdir: Path, index: int | None) -> str:
+def _trial_run_id(ctx: dict, spec: SweepSpec, point: TrialPoint, cfg, tdir: str, index: int | None) -> str:
     from .ray_train import latest_checkpoint_meta
     from .tracking import RunLogger, create_run, run_exists
 
@@ -231,8 +230,8 @@ def _trial_run_id(ctx: dict, spec: SweepSpec, point: TrialPoint, cfg, tdir: Path
     meta = latest_checkpoint_meta(tdir)
     if meta and meta.get("mlflow_run_id"):
         candidates.append(meta["mlflow_run_id"])
-    if (tdir / RUN_ID_FILE).is_file():
-        candidates.append((tdir / RUN_ID_FILE).read_text().strip())
+    if storage.is_file(storage.join(tdir, RUN_ID_FILE)):
+        candidates.append(storage.read_text(storage.join(tdir, RUN_ID_FILE)).strip())
     for run_id in candidates:
         if run_id and run_exists(uri, run_id):
             logger = RunLogger(uri, run_id)
@@ -246,11 +245,11 @@ def _trial_run_id(ctx: dict, spec: SweepSpec, point: TrialPoint, cfg, tdir: Path
             "sweep.variant": point.variant or "", "sweep.preset": preset or "",
             "sweep.paper_row": spec.paper_row(point) or "", "sweep.values": json.dumps(point.values, default=str),
             "sweep.status": "running", "sweep.index": str(index if index is not None else ""),
-            "run_dir": str(tdir)}
+            "run_dir": tdir}
     run_id = create_run(uri, ctx["experiment"], spec.label(point), params, tags={k: v for k, v in tags.items() if v})
-    _write_text(tdir / RUN_ID_FILE, run_id + "\n")
-    _write_text(tdir / "config.yaml", to_yaml(cfg))
-    RunLogger(uri, run_id).log_artifact(tdir / "config.yaml")
+    _write_text(storage.join(tdir, RUN_ID_FILE), run_id + "\n")
+    _write_text(storage.join(tdir, "config.yaml"), to_yaml(cfg))
+    RunLogger(uri, run_id).log_artifact(storage.join(tdir, "config.yaml"))
     return run_id
 
 
@@ -267,9 +266,9 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     point = point_from_config(spec, config)
     trial_id = tune.get_context().get_trial_id()
     key = spec.trial_key(point, trial_id)
-    tdir = Path(ctx["trials_dir"]) / key
-    tdir.mkdir(parents=True, exist_ok=True)
-    done = _read_json(tdir / RESULT_FILE)
+    tdir = storage.join(ctx["trials_dir"], key)
+    storage.makedirs(tdir)
+    done = _read_json(storage.join(tdir, RESULT_FILE))
     if done is not None and done.get("status") == "finished":  # finished in an earlier invocation
         tune.report({**done["metrics"], "kimg": done["kimg"], "trial_key": key, "finished": 1})
         return
@@ -298,7 +297,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         logger.terminate("FAILED")
         raise RuntimeError(f"Trial {spec.label(point)} stopped at kimg "
                            f"{(newest or {}).get('cur_nimg', 0) / 1000:.3f} before the end of its schedule.")
-    checkpoint = str(Path(newest["path"]) / CKPT_FILE)
+    checkpoint = storage.join(newest["path"], CKPT_FILE)
     # Metrics the training loop already computed at the final tick with the same settings (sample count; the
     # face crop for PPL) need not be computed again.
     last = (fit_result.metrics or {}) if fit_result is not None else {}
@@ -337,7 +336,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
               "kimg": newest["cur_nimg"] / 1000, "cur_nimg": newest["cur_nimg"], "metrics": metrics,
               "checkpoint": checkpoint, "train_seconds_this_call": train_seconds, "eval_seconds": eval_seconds,
               "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    _write_json(tdir / RESULT_FILE, result)
+    _write_json(storage.join(tdir, RESULT_FILE), result)
     logger.set_tag("sweep.status", "finished")
     logger.set_tag("checkpoint", checkpoint)
     logger.terminate("FINISHED")
@@ -386,28 +385,10 @@ def _check_data(spec: SweepSpec, data: str | None) -> str:
         if k not in seen:
             seen.add(k)
             check_dataset(data, cfg)
-    return str(Path(data).expanduser().resolve())
+    return storage.resolve(data)
 
 
-def _ensure_experiment(uri: str, name: str) -> None:
-    """Create the experiment with its artifacts next to a local sqlite store (MLflow's default would be
-    ./mlruns relative to wherever the first client happened to run)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(name) is not None:
-        return
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    try:
-        client.create_experiment(name, artifact_location=location)
-    except Exception:  # created meanwhile by another process
-        if client.get_experiment_by_name(name) is None:
-            raise
-
-
-def _parent_run(spec: SweepSpec, uri: str, experiment: str, sweep_dir: Path, state: dict | None,
+def _parent_run(spec: SweepSpec, uri: str, experiment: str, sweep_dir: str, state: dict | None,
                 use_gpu: bool, concurrency: int) -> str:
     from .tracking import RunLogger, create_run, log_params, run_exists
 
@@ -427,7 +408,7 @@ def _parent_run(spec: SweepSpec, uri: str, experiment: str, sweep_dir: Path, sta
               "max_concurrent_trials": str(concurrency)}
     params.update({f"base.{k}": str(v) for k, v in {**spec.base_overrides, **spec.set_overrides}.items()})
     swept = [d.key for d in spec.search]
-    tags = {"sweep.role": "parent", "sweep.name": spec.name, "sweep.dir": str(sweep_dir),
+    tags = {"sweep.role": "parent", "sweep.name": spec.name, "sweep.dir": sweep_dir,
             "sweep.swept": json.dumps(swept), "sweep.paper_table": spec.paper_table or "",
             "sweep.description": spec.description[:4000],
             "sweep.objective": f"{spec.objective_metric}:{spec.objective_mode}" if spec.objective_metric else ""}
@@ -436,7 +417,7 @@ def _parent_run(spec: SweepSpec, uri: str, experiment: str, sweep_dir: Path, sta
     return run_id
 
 
-def _trial_table(spec: SweepSpec, trials_dir: Path) -> list[str]:
+def _trial_table(spec: SweepSpec, trials_dir: str) -> list[str]:
     from .ray_train import latest_checkpoint_meta
 
     lines = []
@@ -444,16 +425,16 @@ def _trial_table(spec: SweepSpec, trials_dir: Path) -> list[str]:
         return [f"    {spec.num_trials()} trials sampled from: " + "; ".join(d.describe() for d in spec.search)]
     width = max(len(spec.label(p)) for p in spec.grid_points())
     for p in spec.grid_points():
-        tdir = trials_dir / spec.trial_key(p)
-        res = _read_json(tdir / RESULT_FILE)
-        meta = latest_checkpoint_meta(tdir) if tdir.is_dir() else None
+        tdir = storage.join(trials_dir, spec.trial_key(p))
+        res = _read_json(storage.join(tdir, RESULT_FILE))
+        meta = latest_checkpoint_meta(tdir)
         if res and res.get("status") == "finished":
             state = f"finished at kimg {res['kimg']:g} (kept)"
         elif meta:
             state = f"continues from kimg {meta['cur_nimg'] / 1000:g}"
         else:
             state = "new"
-        lines.append(f"    {spec.label(p):<{width}}  {state:<32} {tdir.name}")
+        lines.append(f"    {spec.label(p):<{width}}  {state:<32} {storage.name(tdir)}")
     return lines
 
 
@@ -483,10 +464,9 @@ def _describe_trials(spec: SweepSpec) -> str:
     return "\n".join(out)
 
 
-def _move_aside(path: Path) -> Path:
-    target = path.with_name(f"{path.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    path.rename(target)
-    return target
+def _move_aside(path: str) -> str:
+    target = storage.join(storage.parent(path), f"{storage.name(path)}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    return storage.move(path, target)
 
 
 def _fingerprint(spec: SweepSpec, data: str) -> dict:
@@ -510,32 +490,34 @@ def run(args: argparse.Namespace, spec: SweepSpec) -> int:
     from ray import tune
 
     from .ray_train import init_ray
-    from .tracking import RunLogger, resolve_tracking_uri
+    from .tracking import RunLogger, check_tracking, ensure_experiment, resolve_tracking_uri
 
+    root = storage.check_storage_arg(args.storage or spec.storage)
     data = _check_data(spec, args.data or spec.data)
     weights = resolve_weights(spec)
-    storage = Path(args.storage or spec.storage).expanduser().resolve()
-    sweep_dir = storage / spec.name
+    sweep_dir = storage.join(root, spec.name)
     experiment = args.experiment or spec.name
     fingerprint = _fingerprint(spec, data)
+    uri = resolve_tracking_uri(root, create=False)
+    check_tracking(uri)
 
     ray = init_ray()
     use_gpu, concurrency = plan_resources(spec, ray.cluster_resources())
-    if args.restart and sweep_dir.exists():
+    if args.restart and storage.exists(sweep_dir):
         print(f"--restart: moved the previous sweep to {_move_aside(sweep_dir)}")
-    state = _read_json(sweep_dir / STATE_FILE)
+    state = _read_json(storage.join(sweep_dir, STATE_FILE))
     if state is not None and state.get("fingerprint") != fingerprint:
         raise SweepError(f"The sweep in {sweep_dir} was started with other trials, configs or data; run with "
                          f"--restart to start over, or --name NEW for a separate sweep.")
-    trials_dir = sweep_dir / "trials"
-    trials_dir.mkdir(parents=True, exist_ok=True)
-    uri = resolve_tracking_uri(storage)
-    _ensure_experiment(uri, experiment)
+    trials_dir = storage.join(sweep_dir, "trials")
+    storage.makedirs(trials_dir)
+    uri = resolve_tracking_uri(root)
+    ensure_experiment(uri, experiment, root)
     parent_id = _parent_run(spec, uri, experiment, sweep_dir, state, use_gpu, concurrency)
     if state is None:
-        _write_json(sweep_dir / STATE_FILE, {"name": spec.name, "file": spec.path, "experiment": experiment,
-                                              "parent_run_id": parent_id, "fingerprint": fingerprint,
-                                              "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        _write_json(storage.join(sweep_dir, STATE_FILE), {
+            "name": spec.name, "file": spec.path, "experiment": experiment, "parent_run_id": parent_id,
+            "fingerprint": fingerprint, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         parent = RunLogger(uri, parent_id)
         parent.log_artifact(spec.path, "sweep")
 
@@ -549,18 +531,19 @@ def run(args: argparse.Namespace, spec: SweepSpec) -> int:
     print("  trials:")
     print("\n".join(_trial_table(spec, trials_dir)))
 
-    ctx = {"spec": spec, "data": data, "trials_dir": str(trials_dir), "uri": uri, "experiment": experiment,
+    ctx = {"spec": spec, "data": data, "trials_dir": trials_dir, "uri": uri, "experiment": experiment,
            "parent_run_id": parent_id, "use_gpu": use_gpu, "workers": spec.resources.workers,
            "cpus_per_worker": spec.resources.cpus_per_worker, "weights": weights}
     # The trial actor only drives the trainer and logs; its Ray Train workers and the evaluation task
     # reserve their own CPUs/GPUs, so the trial itself reserves a sliver of a CPU.
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": TRIAL_DRIVER_CPUS})
-    tune_path = sweep_dir / TUNE_NAME
+    tune_path = storage.join(sweep_dir, TUNE_NAME)
+    tune_fs, tune_fs_path = _tune_fs(tune_path)
     first = spec.grid_points()[0]
     example = TrialPoint(first.variant, {d.key: d.values[0] if d.sampled else first.values[d.key]
                                          for d in spec.search}, 0)
     base_total = spec.trial_config(example).schedule.total_kimg
-    run_config = tune.RunConfig(name=TUNE_NAME, storage_path=str(sweep_dir),
+    run_config = tune.RunConfig(name=TUNE_NAME, storage_path=_tune_fs(sweep_dir)[1], storage_filesystem=tune_fs,
                                 failure_config=tune.FailureConfig(max_failures=spec.retries), verbose=1)
     tune_config = tune.TuneConfig(
         num_samples=spec.num_samples if spec.sampled else 1,
@@ -569,12 +552,12 @@ def run(args: argparse.Namespace, spec: SweepSpec) -> int:
         search_alg=tune.search.BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrency),
         trial_name_creator=lambda t: f"{t.trial_id}", trial_dirname_creator=lambda t: f"{t.trial_id}",
     )
-    if tune.Tuner.can_restore(str(tune_path)):
+    if tune.Tuner.can_restore(tune_fs_path, storage_filesystem=tune_fs):
         print(f"Continuing the Tune experiment in {tune_path}.")
-        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False)
+        tuner = tune.Tuner.restore(tune_fs_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False, storage_filesystem=tune_fs)
     else:
-        if tune_path.exists():  # interrupted before Tune saved its state: trial dirs still hold the progress
+        if storage.exists(tune_path):  # interrupted before Tune saved its state: trial dirs still hold the progress
             _move_aside(tune_path)
         tuner = tune.Tuner(trainable, param_space=param_space(spec), tune_config=tune_config, run_config=run_config)
     # `ray job stop` sends SIGTERM: turn it into Ctrl-C so Tune stops the trials and saves its state.
@@ -584,7 +567,13 @@ def run(args: argparse.Namespace, spec: SweepSpec) -> int:
     return _finish(spec, args, sweep_dir, trials_dir, uri, experiment, parent_id, time.time() - t0)
 
 
-def _finish(spec, args, sweep_dir: Path, trials_dir: Path, uri: str, experiment: str, parent_id: str,
+def _tune_fs(loc: str):
+    """(filesystem or None for local paths, path) for Ray Tune's storage arguments."""
+    fs, path = storage.filesystem(loc)
+    return (fs if storage.is_uri(loc) else None), path
+
+
+def _finish(spec, args, sweep_dir: str, trials_dir: str, uri: str, experiment: str, parent_id: str,
             seconds: float) -> int:
     from ray.tune import ExperimentAnalysis
 
@@ -593,18 +582,19 @@ def _finish(spec, args, sweep_dir: Path, trials_dir: Path, uri: str, experiment:
     finished, failed, stopped, interrupted = [], [], [], []
     # Tune's saved experiment state tells finished (TERMINATED: returned, or stopped by the scheduler), failed
     # (ERROR) and interrupted (anything else) trials apart.
-    for trial in ExperimentAnalysis(str(sweep_dir / TUNE_NAME)).trials:
+    tune_fs, tune_path = _tune_fs(storage.join(sweep_dir, TUNE_NAME))
+    for trial in ExperimentAnalysis(tune_path, storage_filesystem=tune_fs).trials:
         point = point_from_config(spec, trial.config)
-        tdir = trials_dir / spec.trial_key(point, trial.trial_id)
-        res = _read_json(tdir / RESULT_FILE)
+        tdir = storage.join(trials_dir, spec.trial_key(point, trial.trial_id))
+        res = _read_json(storage.join(tdir, RESULT_FILE))
         label = spec.label(point)
         if res and res.get("status") == "finished":
             finished.append(label)
             continue
-        run_id_file = tdir / RUN_ID_FILE
-        run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
+        run_id_file = storage.join(tdir, RUN_ID_FILE)
+        run_id = storage.read_text(run_id_file).strip() if storage.is_file(run_id_file) else None
         if trial.status == "ERROR":
-            failed.append(f"{label}: {_error_line(sweep_dir / TUNE_NAME / trial.trial_id)}")
+            failed.append(f"{label}: {_error_line(storage.join(sweep_dir, TUNE_NAME, trial.trial_id))}")
             status, mlflow_status = "failed", "FAILED"
         elif trial.status == "TERMINATED":
             stopped.append(label)
@@ -625,7 +615,7 @@ def _finish(spec, args, sweep_dir: Path, trials_dir: Path, uri: str, experiment:
         from .compare import CompareError, report
 
         try:
-            report(uri, experiment, sweep_dir / "report", parent_id=parent_id)
+            report(uri, experiment, storage.join(sweep_dir, "report"), parent_id=parent_id)
         except CompareError as e:
             print(f"note: no comparison yet ({e})")
     if interrupted:
@@ -635,16 +625,18 @@ def _finish(spec, args, sweep_dir: Path, trials_dir: Path, uri: str, experiment:
         return 130
     if failed:
         parent.terminate("FAILED")
-        return fail(f"{len(failed)} trial(s) failed (listed above; tracebacks in {sweep_dir / TUNE_NAME}/*/error.txt); "
+        return fail(f"{len(failed)} trial(s) failed (listed above; tracebacks in "
+                    f"{storage.join(sweep_dir, TUNE_NAME)}/*/error.txt); "
                     f"run the same command to retry them from their checkpoints.", code=1)
     parent.terminate("FINISHED")
     return 0
 
 
-def _error_line(trial_dir: Path) -> str:
+def _error_line(trial_dir: str) -> str:
     """The last line of a failed trial's traceback (Tune writes it to error.txt)."""
     try:
-        lines = [line for line in (trial_dir / "error.txt").read_text().splitlines() if line.strip()]
+        lines = [line for line in storage.read_text(storage.join(trial_dir, "error.txt")).splitlines()
+                 if line.strip()]
     except OSError:
         return "see Tune's log"
     return lines[-1].strip()[:300] if lines else "see Tune's log"
@@ -666,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_describe_trials(spec))
             return 0
         return run(args, spec)
-    except (SweepError, ConfigError) as e:
+    except (SweepError, ConfigError, storage.StorageError, TrackingError, RayConnectError) as e:
         return fail(str(e))
     except KeyboardInterrupt:
         print("\nInterrupted; run the same command to continue.", file=sys.stderr)

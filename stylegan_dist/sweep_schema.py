@@ -149,7 +149,7 @@ class SweepSpec:
     description: str = ""
     paper_table: str | None = None
     data: str | None = None
-    storage: str = "runs"
+    storage: str | None = None  # None: $STYLEGAN_DIST_STORAGE, else ./runs
     base_preset: str | None = None
     base_config: str | None = None  # absolute path
     base_overrides: dict[str, Any] = field(default_factory=dict)
@@ -655,7 +655,7 @@ def load_sweep(path: str | Path, set_args: list[str] | None = None) -> SweepSpec
         if scheduler.reduction_factor <= 1:
             raise SweepError(f"{where('scheduler', 'reduction_factor')}: 'reduction_factor' must be above 1.")
 
-    storage = _str(data.get("storage"), where, ("storage",), "storage") or "runs"
+    storage = _str(data.get("storage"), where, ("storage",), "storage") or None
     data_dir = _str(data.get("data"), where, ("data",), "data")
     spec = SweepSpec(
         path=shown, name=name, description=str(data.get("description") or "").strip(), paper_table=paper_table,

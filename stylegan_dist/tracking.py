@@ -1,28 +1,108 @@
 """MLflow tracking: one MLflow run per training run, addressed by id from the driver and from rank 0.
 
-The tracking URI is ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<storage>/mlflow.db`` with an
-absolute path (a relative URI would resolve against each Ray worker's own working directory).
-Everything goes through ``MlflowClient`` with an explicit run id, so no global "active run" state
-crosses process boundaries.
+Where runs are tracked:
+  * ``MLFLOW_TRACKING_URI`` when set: an ``http(s)://`` tracking server (the way teams run MLflow: every rank
+    logs through it and artifacts go through the server's proxied ``mlflow-artifacts:`` store, so no worker needs
+    the server's disk; credentials from ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``), or a database
+    URI (``postgresql://``, ``sqlite:////abs/path``), made absolute;
+  * else ``sqlite:///<storage>/mlflow.db`` beside a local ``--storage``. Object-store storage has no local disk to
+    hold a database, so it needs MLFLOW_TRACKING_URI.
+Experiments are created with their artifact location beside their store (``<storage>/mlartifacts`` for a local
+store, the storage URI's ``mlartifacts/`` for a database with object-store runs, the server's own store for a
+server), never the current directory. Everything goes through ``MlflowClient`` with an explicit run id, so no
+global "active run" state crosses process boundaries.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from . import storage
+
 DEFAULT_EXPERIMENT = "stylegan_dist"
 
 
-def resolve_tracking_uri(storage: str | Path | None = None) -> str:
+class TrackingError(RuntimeError):
+    """A tracking location that cannot be used; the message is one sentence."""
+
+
+def resolve_tracking_uri(storage_loc: str | Path | None = None, *, create: bool = True) -> str:
+    """MLFLOW_TRACKING_URI (absolute), else the sqlite store beside a local storage location."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        if storage.under_ray_job() and _is_relative_uri(uri):
+            raise TrackingError(f"MLFLOW_TRACKING_URI={uri} is relative inside a Ray job, whose working directory "
+                                f"is Ray's temporary copy; use a tracking server (http://HOST:5000) or an absolute "
+                                f"path.")
         return absolute_uri(uri)
-    base = Path(storage or ".").expanduser().resolve()
-    base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{base / 'mlflow.db'}"
+    loc = storage.resolve(storage_loc or ".")
+    if storage.is_uri(loc):
+        raise TrackingError(f"Storage {loc} is object storage, which cannot hold MLflow's database; set "
+                            f"MLFLOW_TRACKING_URI to a tracking server (http://HOST:5000) or a database URI.")
+    if create:
+        Path(loc).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(loc) / 'mlflow.db'}"
+
+
+def _is_relative_uri(uri: str) -> bool:
+    if uri.startswith("sqlite:///"):
+        return not uri.startswith("sqlite:////")
+    if uri.startswith("file:"):
+        path = uri[len("file:"):]
+        return not path.startswith("/")
+    return "://" not in uri and not os.path.isabs(uri)
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
+
+
+def artifact_location(uri: str, storage_loc: str | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local sqlite store; under the run storage for a
+    database store with object-store runs; the server's own (proxied) store for a tracking server."""
+    if is_server(uri):
+        return None
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    if storage_loc is not None:
+        loc = storage.resolve(storage_loc)
+        return storage.join(loc, "mlartifacts") if storage.is_uri(loc) else Path(loc, "mlartifacts").as_uri()
+    return None
+
+
+def ensure_experiment(uri: str, name: str, storage_loc: str | None = None) -> str:
+    """The experiment's id, creating it with its artifact location (see :func:`artifact_location`) when new."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, storage_loc))
+    except Exception:  # created meanwhile by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def check_tracking(uri: str) -> None:
+    """Fail early, with one sentence, when the tracking store cannot be reached or refuses the credentials (a local
+    sqlite file is not opened here: that would create it)."""
+    if uri.startswith("sqlite:"):
+        return
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as e:
+        text = str(e).strip().splitlines()
+        msg = (text[0] if text else type(e).__name__)[:240].rstrip(".")
+        if "401" in msg or "403" in msg or "nauthorized" in msg or "ermission" in msg:
+            raise TrackingError(f"The MLflow tracking server {uri} refused the credentials; set "
+                                f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.") from None
+        raise TrackingError(f"Cannot reach the MLflow tracking store {uri}: {msg}.") from None
 
 
 def absolute_uri(uri: str) -> str:
@@ -41,7 +121,7 @@ def uri_for_checkpoint(checkpoint: str | Path | None) -> str | None:
     (STORAGE/RUN/checkpoint_*/ckpt.pt or STORAGE/RUN/checkpoints/ckpt-*.pt); None when there is neither."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return absolute_uri(os.environ["MLFLOW_TRACKING_URI"])
-    if checkpoint:
+    if checkpoint and storage.local_path(checkpoint) is not None:
         for parent in list(Path(checkpoint).expanduser().resolve().parents)[:4]:
             if (parent / "mlflow.db").is_file():
                 return f"sqlite:///{parent / 'mlflow.db'}"
@@ -55,10 +135,9 @@ def _client(uri: str):
 
 
 def create_run(uri: str, experiment: str, run_name: str, params: dict[str, str],
-               tags: dict[str, str] | None = None) -> str:
+               tags: dict[str, str] | None = None, storage_loc: str | None = None) -> str:
     client = _client(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = ensure_experiment(uri, experiment, storage_loc)
     run = client.create_run(exp_id, run_name=run_name, tags=tags or {})
     log_params(uri, run.info.run_id, params)
     return run.info.run_id
@@ -98,7 +177,13 @@ class RunLogger:
             self.client.log_batch(self.run_id, metrics=items[i:i + 200])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Log a file given as a local path or a storage location (downloaded to a temporary file first)."""
+        if storage.local_path(path) is not None:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            return
+        with tempfile.TemporaryDirectory(prefix="sgd-artifact-") as tmp:
+            local = storage.download(path, Path(tmp) / storage.name(path))
+            self.client.log_artifact(self.run_id, str(local), artifact_path)
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)

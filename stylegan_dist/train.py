@@ -6,7 +6,9 @@ share of the dataset through Ray Data and runs the core training loop; gradients
 across workers.
 
 A run lives in STORAGE/RUN_NAME: config.yaml, Ray checkpoints (checkpoint_*/ckpt.pt, newest K kept),
-samples/ (a grid per tick), and one MLflow run (MLFLOW_TRACKING_URI, else STORAGE/mlflow.db).
+samples/ (a grid per tick), and one MLflow run (MLFLOW_TRACKING_URI, else STORAGE/mlflow.db). STORAGE and
+--data are local paths or object-storage URIs (s3://bucket/prefix, gs://..., S3-compatible servers through
+AWS_ENDPOINT_URL); on a cluster without a shared disk, use a URI and a tracking server.
 Running the same command again continues the run from its newest checkpoint, logging to the same
 MLflow run; a failed worker is restarted from the newest checkpoint automatically (--max-failures);
 --restart moves the old run aside and starts over.
@@ -14,7 +16,8 @@ MLflow run; a failed worker is restarted from the newest checkpoint automaticall
 Examples:
   python -m data_pipeline.synthetic data/shapes32 --num-images 2048 --resolution 32
   python -m stylegan_dist.train --config configs/demo.yaml --data data/shapes32 --workers 2
-  ray job submit --working-dir . -- python -m stylegan_dist.train --data /shared/ffhq --gpu --workers 8
+  ray job submit --working-dir . -- python -m stylegan_dist.train --data s3://bucket/ffhq1024 \
+      --storage s3://bucket/runs --gpu --workers 8
   python -m stylegan_dist.train --data /data/ffhq --dry-run           # resolved config + schedule, then exit
   python -m stylegan_dist.train --data data/shapes32 --no-ray          # the core loop in this process
 """
@@ -28,10 +31,21 @@ import time
 from pathlib import Path
 
 from . import checkpoint as ckpt_mod
+from . import storage
 from .cli import add_config_args, config_from_args, fail
 from .config import Config, ConfigError, flat_params, from_dict, to_dict, to_yaml
+from .ray_train import RayConnectError
 from .schedule import format_schedule
-from .tracking import DEFAULT_EXPERIMENT, RunLogger, create_run, resolve_tracking_uri, run_exists, run_url_hint
+from .tracking import (
+    DEFAULT_EXPERIMENT,
+    RunLogger,
+    TrackingError,
+    check_tracking,
+    create_run,
+    resolve_tracking_uri,
+    run_exists,
+    run_url_hint,
+)
 
 # Sections whose change makes an existing checkpoint unusable (different networks).
 _SHAPE_SECTIONS = ("model", "generator", "discriminator")
@@ -40,8 +54,9 @@ _SHAPE_SECTIONS = ("model", "generator", "discriminator")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m stylegan_dist.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", metavar="DIR", help="dataset directory made by data_pipeline.prepare or "
-                    "data_pipeline.synthetic (holds manifest.json and Parquet shards)")
+    ap.add_argument("--data", metavar="DIR|URI", help="dataset made by data_pipeline.prepare or "
+                    "data_pipeline.synthetic (manifest.json and Parquet shards): a directory or a URI such as "
+                    "s3://bucket/ffhq1024")
     add_config_args(ap)
     ap.add_argument("--workers", type=int, metavar="N", help="training workers: default one per GPU in the "
                     "cluster, or 1 CPU worker when it has none")
@@ -50,8 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cpu", action="store_true", help="use CPU workers (gloo) even when GPUs are present")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
                     help="CPUs reserved per worker, also its torch thread count (default 1)")
-    ap.add_argument("--storage", metavar="DIR", default="runs", help="where runs are stored; a shared "
-                    "filesystem path on a multi-node cluster (default: ./runs)")
+    ap.add_argument("--storage", metavar="DIR|URI", help="where runs are stored: a directory, or on a multi-node "
+                    "cluster an absolute shared path or an object-storage URI (s3://bucket/runs). Default: "
+                    f"${storage.STORAGE_ENV}, else ./runs (refused inside a Ray job, whose working directory is "
+                    "temporary)")
     ap.add_argument("--run-name", metavar="NAME", help="run directory name under --storage (default: the "
                     "config file's name, or 'stylegan'); an existing run of this name is continued")
     ap.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name "
@@ -60,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "(RUN_NAME.old-TIMESTAMP) and start from scratch")
     ap.add_argument("--max-failures", type=int, default=3, metavar="N", help="worker failures tolerated; "
                     "each restarts the workers from the newest checkpoint (default 3)")
+    ap.add_argument("--placement", default="PACK", choices=ray_placements(), type=str.upper,
+                    help="Ray placement of the workers: PACK (default, fewest nodes) or SPREAD (one per node where "
+                    "possible), or the STRICT_ variants")
     ap.add_argument("--max-ticks", type=int, metavar="N", help="stop after N ticks of this invocation, with a "
                     "checkpoint (run the same command again to continue)")
     ap.add_argument("--no-ray", action="store_true", help="run the core loop in this process without Ray "
@@ -68,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dry-run", action="store_true", help="print the resolved config and the schedule table "
                     "(kimg -> resolution, batch, lr) for --workers, then exit")
     return ap.parse_args(argv)
+
+
+def ray_placements() -> tuple[str, ...]:
+    return ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 def check_resume_compatible(cfg: Config, ckpt_cfg: dict, where: str) -> None:
@@ -105,10 +129,9 @@ def _run_name(args: argparse.Namespace) -> str:
     return name
 
 
-def _move_aside(run_dir: Path) -> Path:
-    target = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(target)
-    return target
+def _move_aside(run_dir: str) -> str:
+    target = storage.join(storage.parent(run_dir), f"{storage.name(run_dir)}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    return storage.move(run_dir, target)
 
 
 def _plan_workers(args: argparse.Namespace, resources: dict) -> tuple[int, bool]:
@@ -137,63 +160,70 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Schedule for {args.workers or 1} worker(s):")
             print(format_schedule(cfg, args.workers or 1))
             return 0
-        check_dataset(args.data, cfg)
         if args.cpus_per_worker <= 0:
             raise ConfigError("--cpus-per-worker must be positive.")
-        run_dir = Path(args.storage).expanduser().resolve() / _run_name(args)
+        name = _run_name(args)
+        root = storage.check_storage_arg(args.storage)
+        check_dataset(args.data, cfg)
+        args.data = storage.resolve(args.data)
+        uri = resolve_tracking_uri(root, create=False)
+        check_tracking(uri)
+        run_dir = storage.join(root, name)
         if args.no_ray:
-            return run_local(args, cfg, run_dir)
-        return run_ray(args, cfg, run_dir)
-    except (ConfigError, ckpt_mod.CheckpointError) as e:
+            return run_local(args, cfg, root, run_dir, uri)
+        return run_ray(args, cfg, root, run_dir, uri)
+    except (ConfigError, ckpt_mod.CheckpointError, storage.StorageError, TrackingError) as e:
+        return fail(str(e))
+    except RayConnectError as e:
         return fail(str(e))
 
 
-def _mlflow_run(args, cfg: Config, run_dir: Path, uri: str, previous_id: str | None, workers: int) -> str:
+def _mlflow_run(args, cfg: Config, root: str, run_dir: str, uri: str, previous_id: str | None, workers: int) -> str:
     if previous_id and run_exists(uri, previous_id):
         print(f"Continuing MLflow run {previous_id}.")
         RunLogger(uri, previous_id).client.update_run(previous_id, status="RUNNING")
         return previous_id
     if previous_id:
         print(f"note: MLflow run {previous_id} is not in {uri}; starting a new MLflow run for this run.")
-    params = {**flat_params(cfg), "data": str(Path(args.data).resolve()), "workers": str(workers)}
-    run_id = create_run(uri, args.experiment, run_dir.name, params, tags={"run_dir": str(run_dir)})
+    params = {**flat_params(cfg), "data": storage.resolve(args.data), "workers": str(workers),
+              "storage": root}
+    run_id = create_run(uri, args.experiment, storage.name(run_dir), params, tags={"run_dir": run_dir},
+                        storage_loc=root)
     return run_id
 
 
-def _log_config(uri: str, run_id: str, run_dir: Path, cfg: Config) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    RunLogger(uri, run_id).log_artifact(run_dir / "config.yaml")
+def _log_config(uri: str, run_id: str, run_dir: str, cfg: Config) -> None:
+    path = storage.write_text(storage.join(run_dir, "config.yaml"), to_yaml(cfg))
+    RunLogger(uri, run_id).log_artifact(path)
 
 
-def run_ray(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
+def run_ray(args: argparse.Namespace, cfg: Config, root: str, run_dir: str, uri: str) -> int:
     from .ray_train import CKPT_FILE, build_trainer, init_ray, latest_checkpoint_meta
 
     ray = init_ray()
     workers, use_gpu = _plan_workers(args, ray.cluster_resources())
-    if args.restart and run_dir.exists():
+    if args.restart and storage.exists(run_dir):
         print(f"--restart: moved the previous run to {_move_aside(run_dir)}")
-    meta = latest_checkpoint_meta(run_dir) if run_dir.exists() else None
+    meta = latest_checkpoint_meta(run_dir)
     if meta is not None:
-        ck = ckpt_mod.load_checkpoint(Path(meta["path"]) / CKPT_FILE)
-        check_resume_compatible(cfg, ck["config"], str(run_dir))
-        if from_dict(ck["config"]) != cfg:
+        check_resume_compatible(cfg, meta["config"], run_dir)
+        if from_dict(meta["config"]) != cfg:
             print("note: continuing with a changed config (schedule/loss/train keys differ from the checkpoint).")
         print(f"Continuing {run_dir} from kimg {meta['cur_nimg'] / 1000:.3f}.")
-        del ck
-    uri = resolve_tracking_uri(args.storage)
-    run_id = _mlflow_run(args, cfg, run_dir, uri, meta and meta.get("mlflow_run_id"), workers)
+    if not storage.is_uri(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+    run_id = _mlflow_run(args, cfg, root, run_dir, uri, meta and meta.get("mlflow_run_id"), workers)
     _log_config(uri, run_id, run_dir, cfg)
 
     kind = "GPU" if use_gpu else f"CPU ({args.cpus_per_worker:g} CPUs each)"
-    print(f"Run {run_dir.name}: {workers} {kind} worker(s), global batch follows the schedule x {workers}; "
-          f"{cfg.schedule.total_kimg:g} kimg to {cfg.model.resolution}x{cfg.model.resolution}")
+    print(f"Run {storage.name(run_dir)}: {workers} {kind} worker(s) ({args.placement}), global batch follows the "
+          f"schedule x {workers}; {cfg.schedule.total_kimg:g} kimg to {cfg.model.resolution}x{cfg.model.resolution}")
     print(f"  storage: {run_dir}\n  MLflow:  run {run_id} in {uri}")
     trainer = build_trainer(
         to_dict(cfg), data=args.data, run_dir=run_dir, workers=workers, use_gpu=use_gpu,
         cpus_per_worker=args.cpus_per_worker, tracking_uri=uri, mlflow_run_id=run_id,
         max_failures=args.max_failures, keep_checkpoints=cfg.train.keep_checkpoints, max_ticks=args.max_ticks,
-        pid_dir=os.environ.get("STYLEGAN_DIST_PID_DIR"),
+        pid_dir=os.environ.get("STYLEGAN_DIST_PID_DIR"), placement=args.placement,
     )
     logger = RunLogger(uri, run_id)
     t0 = time.time()
@@ -245,10 +275,11 @@ def _root_message(e: BaseException) -> str:
     return msgs[-1] if msgs else type(e).__name__
 
 
-def _print_summary(run_dir: Path, uri: str, run_id: str, newest: dict | None, finished: bool, seconds: float) -> None:
+def _print_summary(run_dir: str, uri: str, run_id: str, newest: dict | None, finished: bool, seconds: float) -> None:
     kimg = newest["cur_nimg"] / 1000 if newest else 0.0
     state = "finished" if finished else f"stopped at kimg {kimg:.3f} (run the same command to continue)"
-    samples = sorted((run_dir / "samples").glob("grid-*.png"))
+    sample_dir = storage.join(run_dir, "samples")
+    samples = [storage.join(sample_dir, n) for n in storage.list_dir(sample_dir) if n.startswith("grid-")]
     print(f"\nTraining {state} after {seconds:.1f}s.")
     print(f"  checkpoints: {newest['path'] if newest else 'none'} (newest)")
     print(f"  samples:     {samples[-1] if samples else 'none'}")
@@ -256,7 +287,7 @@ def _print_summary(run_dir: Path, uri: str, run_id: str, newest: dict | None, fi
     print(f"  browse:      {run_url_hint(uri)}")
 
 
-def run_local(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
+def run_local(args: argparse.Namespace, cfg: Config, root: str, run_dir: str, uri: str) -> int:
     import torch
 
     from data_pipeline.stream import DatasetError, LocalBatchSource
@@ -269,20 +300,21 @@ def run_local(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device} was asked for but this machine has no usable CUDA device.")
-    if args.restart and run_dir.exists():
+    if args.restart and storage.exists(run_dir):
         print(f"--restart: moved the previous run to {_move_aside(run_dir)}")
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = storage.join(run_dir, "checkpoints")
     latest = ckpt_mod.latest_checkpoint(ckpt_dir)
     resume = None
     if latest is not None:
         resume = ckpt_mod.load_checkpoint(latest, map_location=device)
-        check_resume_compatible(cfg, resume["config"], str(run_dir))
+        check_resume_compatible(cfg, resume["config"], run_dir)
     try:
         source = LocalBatchSource(args.data, seed=cfg.train.seed, mirror=cfg.train.mirror)
     except DatasetError as e:
         raise ConfigError(str(e)) from None
-    uri = resolve_tracking_uri(args.storage)
-    run_id = _mlflow_run(args, cfg, run_dir, uri, resume and resume.get("extra", {}).get("mlflow_run_id"), 1)
+    if not storage.is_uri(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+    run_id = _mlflow_run(args, cfg, root, run_dir, uri, resume and resume.get("extra", {}).get("mlflow_run_id"), 1)
     _log_config(uri, run_id, run_dir, cfg)
     logger = RunLogger(uri, run_id)
 
@@ -291,7 +323,7 @@ def run_local(args: argparse.Namespace, cfg: Config, run_dir: Path) -> int:
         if stats.get("grid"):
             logger.log_artifact(stats["grid"], "samples")
 
-    print(f"Run {run_dir.name} in this process on {device}; MLflow run {run_id} in {uri}")
+    print(f"Run {storage.name(run_dir)} in this process on {device}; MLflow run {run_id} in {uri}")
     t0 = time.time()
     try:
         result = training_loop(cfg, source, run_dir, device=device, resume=resume, report=report,

@@ -1,11 +1,7 @@
 import os
-import shutil
-import signal
-import socket
+import secrets
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +9,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+# Every Ray instance the tests start runs with token authentication, as clusters should; one token per test
+# session, handed to the clusters, the commands under test and in-process ray.init alike.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+from services import RayCluster  # noqa: E402
 
 from stylegan_dist.config import build_config  # noqa: E402
 
@@ -50,71 +53,24 @@ def random_images(n: int = 48, resolution: int = 32, seed: int = 0) -> torch.Ten
 # ---- a real Ray cluster for the Ray tests (tests/test_ray_train.py, tests/test_sweep.py) ----
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ray_env(**extra) -> dict:
     env = dict(os.environ)
-    env.update({"RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
+    env.update({"RAY_AUTH_MODE": "token", "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
                 "RAY_DEDUP_LOGS": "0"})
     env.pop("MLFLOW_TRACKING_URI", None)
     env.update(extra)
     return env
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Processes of session ``sid`` (everything `ray start` launched in its own session, and their children)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if int(fields[3]) == sid:
-                pids.append(int(entry.name))
-    return pids
-
-
-def _stop_session(sid: int) -> None:
-    """Stop this test's Ray cluster only: `ray stop` would stop every Ray instance on the machine."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        for pid in _session_pids(sid):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait
-        while _session_pids(sid) and time.time() < deadline:
-            time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    """A real local Ray cluster (head node only, 4 logical CPUs), every port explicit, started in its own
-    session so that exactly its processes are stopped at the end."""
-    tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    port, dash = free_port(), free_port()
-    env = ray_env(RAY_TMPDIR=str(tmp))
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-             f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
-    start = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--num-cpus=4", "--include-dashboard=true",
-                              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp}",
-                              "--disable-usage-stats", *ports], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    sid = start.pid  # a new session's id is its leader's pid; the cluster's daemons keep it after `ray start` exits
+    """A real Ray cluster (head node only, 4 logical CPUs, token authentication), every port explicit, started in
+    its own session so that exactly its processes are stopped at the end."""
+    rc = RayCluster(node_cpus=(4,), env=ray_env()).start()
     try:
-        out, _ = start.communicate(timeout=180)
-        assert start.returncode == 0, out[-3000:]
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}", "env": env, "ray": ray_bin}
+        yield {"address": rc.address, "dashboard": rc.dashboard, "env": rc.env, "ray": rc.ray, "cluster": rc}
     finally:
-        _stop_session(sid)
-        shutil.rmtree(tmp, ignore_errors=True)
+        rc.close()
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +79,28 @@ def dataset(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "data_pipeline.synthetic", str(out), "--num-images", "256",
                     "--resolution", "16", "--seed", "1"], check=True, capture_output=True, timeout=120)
     return out
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """An S3-protocol server (moto) on 127.0.0.1 with a bucket named ``bucket``; this process's AWS settings point
+    at it while the module runs (pyarrow and boto3 read them)."""
+    from services import S3Server
+
+    from stylegan_dist import storage
+
+    server = S3Server().start()
+    old = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    storage._fs_for.cache_clear()
+    try:
+        server.client().create_bucket(Bucket="bucket")
+        yield server
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage._fs_for.cache_clear()
+        server.stop()

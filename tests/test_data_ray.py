@@ -26,7 +26,7 @@ def ray_session(tmp_path_factory):
     tmp = Path("/tmp") / f"rt_dp{os.getpid()}"
     tmp.mkdir(exist_ok=True)
     old = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_TMPDIR")}
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_AUTH_MODE"] = "token"  # the session's RAY_AUTH_TOKEN (conftest)
     os.environ["RAY_TMPDIR"] = str(tmp)
     from data_pipeline.stream import default_ray_init_kwargs
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TINY_SCHEDULE, random_images, tiny_config
@@ -29,7 +31,7 @@ def test_loop_advances_nimg_exactly_and_grows(tmp_path):
     for h in res.history:
         expect = 8 if h["cur_nimg"] <= 64 else 16 if h["cur_nimg"] <= 192 else 32
         assert h["resolution"] in (expect, expect // 2)  # a tick reports the phase of its last group
-    assert res.checkpoint.exists() and res.grid.exists()
+    assert Path(res.checkpoint).exists() and Path(res.grid).exists()
     assert len(ckpt_mod.list_checkpoints(tmp_path / "checkpoints")) <= cfg.train.keep_checkpoints
     ck = _state(res.checkpoint)
     assert ck["state"]["cur_nimg"] == 400

@@ -1,7 +1,6 @@
 """Ray Train layer, started the way users start it: a cluster from `ray start --head`, the training
 command as a subprocess connected through RAY_ADDRESS, and `ray job submit`."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from stylegan_dist.ray_train import registered_checkpoints
+from stylegan_dist.ray_train import run_checkpoints
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -53,7 +52,8 @@ def _mlflow(storage: Path):
 
 
 def _metas(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in run_dir.glob("checkpoint_*/meta.json")]
+    """The run's registered checkpoints' metadata, through Ray's Result.from_path."""
+    return run_checkpoints(str(run_dir))
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -94,11 +94,11 @@ def test_killed_worker_resumes_from_checkpoint(cluster, dataset, run_config, tmp
     run_dir = storage / "kill"
     deadline = time.time() + 300
     # wait until Ray has registered a checkpoint (every worker made that report), then kill rank 1
-    while time.time() < deadline and not registered_checkpoints(run_dir):
+    while time.time() < deadline and not _metas(run_dir):
         time.sleep(0.2)
-    assert registered_checkpoints(run_dir), "no checkpoint was registered"
+    assert _metas(run_dir), "no checkpoint was registered"
     first = _metas(run_dir)
-    victim = int((pids / "rank1.pid").read_text())
+    victim = int((pids / "rank1.pid").read_text().split()[0])
     os.kill(victim, signal.SIGKILL)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]

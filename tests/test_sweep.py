@@ -16,9 +16,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, ray_env
+from conftest import ROOT, ray_env
+from services import free_port
 
-from stylegan_dist.ray_train import registered_checkpoints
+from stylegan_dist.ray_train import run_checkpoints
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -208,7 +209,7 @@ def test_interrupted_sweep_continues(cluster, dataset, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         dirs = sorted(trials.glob("*")) if trials.exists() else []
         done = [d for d in dirs if (d / "result.json").is_file()]
-        pending = [d for d in dirs if not (d / "result.json").is_file() and registered_checkpoints(d)]
+        pending = [d for d in dirs if not (d / "result.json").is_file() and run_checkpoints(str(d))]
         if done and pending:
             break
         time.sleep(0.2)

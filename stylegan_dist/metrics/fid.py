@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import storage
 from . import frechet
 from .frechet import FeatureStats
 from .realdata import iter_real_slice, manifest_digest, open_dataset, rank_range
@@ -54,10 +55,10 @@ def real_stats(opts: MetricOptions, extractor, num: int) -> tuple[np.ndarray, np
     cached = frechet.load_cached_stats(path, key)
     # Every rank must take the same branch (the gathers below are collective).
     if all(opts.gather(cached is not None)):
-        opts.say(f"  reals: cached statistics of {count} images ({path.name})")
+        opts.say(f"  reals: cached statistics of {count} images ({storage.name(path)})")
         n, mu, sigma = cached
         return mu, sigma, n
-    if path.exists() and cached is None:
+    if cached is None and storage.exists(path):
         opts.say(f"  reals: cache file {path} is unreadable or inconsistent; rebuilding it")
     stats = FeatureStats(_dim(extractor))
     start, stop = rank_range(count, opts.rank, opts.world_size)

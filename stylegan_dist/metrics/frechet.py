@@ -14,11 +14,13 @@ no complex arithmetic and no dependency on scipy.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .. import storage
 
 CACHE_VERSION = 1
 
@@ -88,17 +90,16 @@ def _digest(key: str, count: int, mu: np.ndarray, sigma: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def cache_path(cache_dir: str | Path, key: str) -> Path:
-    return Path(cache_dir) / f"fid-reals-{key}.npz"
+def cache_path(cache_dir: str | Path, key: str) -> str:
+    """The cache file's location: a local path or a storage URI (``metrics.cache_dir`` may be ``s3://...``)."""
+    return storage.join(storage.resolve(cache_dir), f"fid-reals-{key}.npz")
 
 
 def load_cached_stats(path: str | Path, key: str) -> tuple[int, np.ndarray, np.ndarray] | None:
     """(count, mu, sigma) from a valid cache file; None when absent, unreadable, foreign or corrupted."""
-    path = Path(path)
-    if not path.is_file():
-        return None
     try:
-        with np.load(path, allow_pickle=False) as f:
+        raw = storage.read_bytes(path)
+        with np.load(io.BytesIO(raw), allow_pickle=False) as f:
             file_key, count = str(f["key"]), int(f["count"])
             mu, sigma, digest = np.array(f["mu"], np.float64), np.array(f["sigma"], np.float64), str(f["digest"])
     except Exception:
@@ -110,18 +111,9 @@ def load_cached_stats(path: str | Path, key: str) -> tuple[int, np.ndarray, np.n
     return count, mu, sigma
 
 
-def save_cached_stats(path: str | Path, key: str, count: int, mu: np.ndarray, sigma: np.ndarray) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(key), count=np.array(count), mu=mu, sigma=sigma,
-                     digest=np.array(_digest(key, count, mu, sigma)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+def save_cached_stats(path: str | Path, key: str, count: int, mu: np.ndarray, sigma: np.ndarray) -> str:
+    """Write the cache file atomically (temporary name + rename locally, one PUT on object storage)."""
+    buf = io.BytesIO()
+    np.savez(buf, key=np.array(key), count=np.array(count), mu=mu, sigma=sigma,
+             digest=np.array(_digest(key, count, mu, sigma)))
+    return storage.write_bytes(path, buf.getvalue())

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import storage
 from .registry import MetricError
 
 
@@ -63,7 +64,8 @@ def iter_real_slice(root: str | Path, manifest: dict[str, Any], resolution: int,
     for shard in manifest["shards"]:
         if row >= stop:
             break
-        f = pq.ParquetFile(Path(root) / shard["file"], memory_map=True)
+        f = pq.ParquetFile(storage.open_input_file(storage.join(storage.resolve(root), shard["file"]),
+                                                   memory_map=True))
         for g in range(f.metadata.num_row_groups):
             n = f.metadata.row_group(g).num_rows
             lo, hi = max(start, row), min(stop, row + n)

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import storage
+
 MetricFn = Callable[["MetricOptions"], dict[str, float]]
 _METRICS: dict[str, MetricFn] = {}
 
@@ -119,9 +121,10 @@ class MetricOptions:
         if self.progress is not None and self.rank == 0:
             self.progress(msg)
 
-    def resolve_cache_dir(self) -> Path:
+    def resolve_cache_dir(self) -> str:
+        """Local directory or storage URI of the real-statistics cache."""
         d = self.cache_dir or os.environ.get("STYLEGAN_CACHE_DIR") or Path.home() / ".cache" / "stylegan_dist"
-        return Path(d).expanduser()
+        return storage.resolve(d)
 
 
 # --------------------------------------------------------------------------------------------------
