@@ -417,3 +417,72 @@ def check_storage_arg(loc: str | os.PathLike | None, flag: str = "--storage", fa
                            f"temporary copy; pass an absolute shared path or a URI (s3://BUCKET/PREFIX), or set "
                            f"{STORAGE_ENV} on the cluster.")
     return check_location(chosen, what=flag.lstrip("-"))
+
+
+def walk_files(loc: str | os.PathLike) -> list[str]:
+    """Every file under a directory (recursively), as paths relative to it, sorted."""
+    import pyarrow.fs as pafs
+
+    p = local_path(loc)
+    if p is not None:
+        return sorted(str(f.relative_to(p)) for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    fs, fp = filesystem(loc)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(fp, recursive=True, allow_not_found=True))
+    except OSError as e:
+        raise StorageError(f"Cannot list storage {loc}: {_short(e)}.") from None
+    return sorted(posixpath.relpath(i.path, fp) for i in infos if i.type == pafs.FileType.File)
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, log=None) -> int:
+    """Copy every file under ``src`` to the same relative path under ``dst`` (either side local or a URI), each
+    file atomically; returns the number of files."""
+    files = walk_files(src)
+    if not files:
+        raise StorageError(f"{src} holds no files to copy.")
+    for i, rel in enumerate(files, 1):
+        s, d = join(src, *rel.split("/")), join(dst, *rel.split("/"))
+        if local_path(s) is not None:
+            upload(s, d)
+        elif local_path(d) is not None:
+            download(s, d)
+        else:
+            write_bytes(d, read_bytes(s))
+        if log is not None and (i % 50 == 0 or i == len(files)):
+            log(f"  {i}/{len(files)} files")
+    return len(files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """List or copy files through the same storage layer the product uses."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m stylegan_dist.storage", description=main.__doc__ + (
+        " Locations are local paths or URIs (s3://bucket/prefix; S3-compatible servers through AWS_ENDPOINT_URL)."
+        "\n\nExamples:\n  python -m stylegan_dist.storage copy data/shapes32 s3://bucket/shapes32\n"
+        "  python -m stylegan_dist.storage ls s3://bucket/runs/demo"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("ls", help="list the files under a location")
+    ls.add_argument("location")
+    cp = sub.add_parser("copy", help="copy a directory tree (e.g. a prepared dataset) between locations")
+    cp.add_argument("src")
+    cp.add_argument("dst")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "ls":
+            for rel in walk_files(check_location(args.location)):
+                print(rel)
+            return 0
+        check_location(args.dst, what="destination")
+        n = copy_tree(check_location(args.src, what="source"), resolve(args.dst), log=print)
+        print(f"Copied {n} files from {resolve(args.src)} to {resolve(args.dst)}.")
+        return 0
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,7 +2,9 @@
 
 Lookup order for each file: an explicit path (command-line option or ``metrics.*`` config key), then its
 environment variable, then ``$STYLEGAN_WEIGHTS_DIR/<file name>``, then ``~/.cache/stylegan_dist/weights/
-<file name>``. A missing file is one sentence that names the file, what it is and where to put it.
+<file name>``. Each may be a storage URI (``s3://bucket/weights``): the file is then copied once per machine
+into the user cache and read from there. A missing file is one sentence that names the file, what it is and
+where to put it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import storage
 from .registry import MetricError
 
 
@@ -48,26 +51,46 @@ WEIGHTS: dict[str, WeightSpec] = {
 }
 
 
-def weights_dir() -> Path:
+def weights_dir() -> str:
+    """$STYLEGAN_WEIGHTS_DIR (a directory or a storage URI such as s3://bucket/weights), else the user cache."""
     d = os.environ.get("STYLEGAN_WEIGHTS_DIR")
-    return Path(d).expanduser() if d else Path.home() / ".cache" / "stylegan_dist" / "weights"
+    return storage.resolve(d) if d else str(Path.home() / ".cache" / "stylegan_dist" / "weights")
+
+
+def _local_copy(loc: str) -> Path:
+    """A weight file in object storage, downloaded once per machine into the user cache (keyed by its URI)."""
+    digest = hashlib.sha256(loc.encode()).hexdigest()[:16]
+    local = Path.home() / ".cache" / "stylegan_dist" / "weights" / "remote" / digest / storage.name(loc)
+    if not local.is_file():
+        storage.download(loc, local)
+    return local
 
 
 def resolve_weight(key: str, explicit: str | os.PathLike | None = None) -> Path:
-    """Path of weight file ``key`` (see WEIGHTS); raises MetricError when it is not there."""
+    """Local path of weight file ``key`` (see WEIGHTS), downloaded first when it lives in object storage; raises
+    MetricError when it is not there."""
     spec = WEIGHTS[key]
     if explicit:
-        path, how = Path(explicit).expanduser(), "the path given"
+        loc, how = storage.resolve(explicit), "the path given"
     elif os.environ.get(spec.env):
-        path, how = Path(os.environ[spec.env]).expanduser(), f"${spec.env}"
+        loc, how = storage.resolve(os.environ[spec.env]), f"${spec.env}"
     else:
-        path, how = weights_dir() / spec.file_name, "the default location"
-    if not path.is_file():
+        loc, how = storage.join(weights_dir(), spec.file_name), "the default location"
+    try:
+        found = storage.is_file(loc)
+    except storage.StorageError as e:
+        raise MetricError(f"{spec.file_name} ({spec.what}) could not be looked up: {e}") from None
+    if not found:
         raise MetricError(
-            f"{spec.file_name} ({spec.what}) was not found at {path} ({how}); {spec.source}, so put it there, "
+            f"{spec.file_name} ({spec.what}) was not found at {loc} ({how}); {spec.source}, so put it there, "
             f"set {spec.env} to its path or pass its path as an option."
         )
-    return path
+    if storage.is_uri(loc):
+        try:
+            return _local_copy(loc)
+        except storage.StorageError as e:
+            raise MetricError(str(e)) from None
+    return Path(loc)
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}
