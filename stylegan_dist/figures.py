@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import storage
 from .checkpoint import CheckpointError
 from .cli import fail
 from .config import ConfigError
@@ -262,9 +263,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     for fig in which:
         t0 = time.time()
         if args.figure == "all":
-            out = Path(args.outdir) / names[fig]
+            out = storage.join(args.outdir, names[fig])  # a directory or a storage URI
         else:
-            out = Path(args.out or names[fig])
+            out = storage.resolve(args.out or names[fig])
         if fig == "style-mixing":
             psi = cfg.generator.truncation_psi if args.truncation is None else args.truncation
             cutoff = cfg.generator.truncation_cutoff if args.truncation_cutoff is None else args.truncation_cutoff

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import storage
 from .checkpoint import CheckpointError, load_checkpoint
 from .cli import fail
 from .config import Config, ConfigError, from_dict
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         out = save_png(grid_image(images, args.cols, args.cell), args.out)
         if args.outdir:
             for s, img in zip(seeds, images):
-                save_png(to_uint8(img).permute(1, 2, 0).numpy(), Path(args.outdir) / f"seed{s:04d}.png")
+                save_png(to_uint8(img).permute(1, 2, 0).numpy(), storage.join(args.outdir, f"seed{s:04d}.png"))
         print(f"Wrote {out} ({len(seeds)} images, {time.time() - t0:.1f} s)"
               + (f" and {len(seeds)} PNGs in {args.outdir}" if args.outdir else "") + ".")
         log_to_mlflow(args.mlflow_run, [out], args.tracking_uri)

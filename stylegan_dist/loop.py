@@ -249,7 +249,7 @@ def training_loop(
             if per_rank.get("source") is not None and hasattr(source, "load_state_dict"):
                 source.load_state_dict(per_rank["source"])
         extra = {**ck.get("extra", {}), **extra}
-        say(f"Resumed from {resume if not isinstance(resume, dict) else 'checkpoint'} at kimg {cur_nimg / 1000:.1f}.")
+        say(f"Resumed from {resume if not isinstance(resume, dict) else 'checkpoint'} at kimg {cur_nimg / 1000:.3f}.")
 
     ckpt_dir = storage.resolve(checkpoint_dir) if checkpoint_dir is not None else storage.join(run_dir, "checkpoints")
     sample_dir = storage.join(run_dir, "samples")

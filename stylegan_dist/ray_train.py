@@ -13,6 +13,7 @@ Only this module (and the sweep launcher) imports ``ray``. Each worker:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -168,8 +169,12 @@ def run_checkpoints(run_dir: str) -> list[dict[str, Any]]:
     out = []
     for checkpoint, metrics in result.best_checkpoints:
         meta = checkpoint.get_metadata()
-        if "cur_nimg" not in meta:
-            continue
+        if "cur_nimg" not in meta:  # written before checkpoints carried Ray metadata: our own sidecar file
+            try:
+                meta = json.loads(storage.read_text(storage.join(storage.uri_of(checkpoint.path, run_dir),
+                                                                 "meta.json")))
+            except (OSError, ValueError):
+                continue
         out.append({**meta, "path": storage.uri_of(checkpoint.path, run_dir), "checkpoint": checkpoint,
                     "metrics": metrics})
     return sorted(out, key=lambda m: m["cur_nimg"])

@@ -166,6 +166,16 @@ def is_dir(loc: str | os.PathLike) -> bool:
     return _info(str(loc)).type == pafs.FileType.Directory
 
 
+def version(loc: str | os.PathLike) -> str:
+    """Size and modification time of a file, as a short string that changes when the file is replaced."""
+    p = local_path(loc)
+    if p is not None:
+        st = p.stat()
+        return f"{st.st_size}-{st.st_mtime_ns}"
+    info = _info(str(loc))
+    return f"{info.size}-{info.mtime_ns}"
+
+
 def list_dir(loc: str | os.PathLike) -> list[str]:
     """Names of the direct children of a directory (empty when it does not exist), sorted."""
     import pyarrow.fs as pafs

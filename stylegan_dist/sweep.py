@@ -5,18 +5,20 @@ workers' per-tick reports to Tune), logs to its own MLflow run inside the sweep'
 run, and at the end is evaluated with the metrics the sweep names. The comparison table
 (``python -m stylegan_dist.compare``) is printed and logged when the sweep ends.
 
-A sweep lives in STORAGE/NAME: sweep.json (what was started, the parent MLflow run), tune/ (Ray Tune's
-experiment state), trials/KEY/ (each trial's Ray Train run: checkpoints, samples, its MLflow run id,
-result.json once evaluated) and report/. KEY is derived from the trial's values, so running the same
-command again continues the sweep: finished trials are kept, unfinished ones resume from their newest
-checkpoint. --restart moves the old sweep aside and starts over.
+A sweep lives in STORAGE/NAME (a directory or an object-storage URI such as s3://bucket/sweeps):
+sweep.json (what was started, the parent MLflow run), tune/ (Ray Tune's experiment state), trials/KEY/
+(each trial's Ray Train run: checkpoints, samples, its MLflow run id, result.json once evaluated) and
+report/. KEY is derived from the trial's values, so running the same command again continues the sweep:
+finished trials are kept, unfinished ones resume from their newest checkpoint. --restart moves the old sweep
+aside and starts over.
 
 Examples:
   python -m data_pipeline.synthetic data/shapes16 --num-images 256 --resolution 16
-  python -m stylegan_dist.sweep sweeps/smoke.yaml --data data/shapes16
-  python -m stylegan_dist.sweep sweeps/table2_mixing.yaml --data /shared/ffhq --storage /shared/runs
+  python -m stylegan_dist.sweep sweeps/smoke.yaml --data data/shapes16 --storage runs
+  python -m stylegan_dist.sweep sweeps/table2_mixing.yaml --data s3://bucket/ffhq1024 --storage s3://bucket/sweeps
   python -m stylegan_dist.sweep sweeps/table4_mapping_depth.yaml --dry-run      # list the trials and exit
-  ray job submit --working-dir . -- python -m stylegan_dist.sweep sweeps/table1_configs.yaml --data /shared/ffhq
+  ray job submit --working-dir . -- python -m stylegan_dist.sweep sweeps/table1_configs.yaml --data s3://bucket/ffhq
+      (on a cluster whose nodes set STYLEGAN_DIST_STORAGE=s3://bucket/sweeps and MLFLOW_TRACKING_URI)
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m stylegan_dist.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file (see sweeps/README.md)")
-    ap.add_argument("--data", metavar="DIR", help="dataset directory made by data_pipeline.prepare or "
-                    "data_pipeline.synthetic (required unless the sweep file sets data:)")
+    ap.add_argument("--data", metavar="DIR|URI", help="dataset (a directory or a URI) made by "
+                    "data_pipeline.prepare or data_pipeline.synthetic (required unless the sweep file sets data:)")
     ap.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="set_args",
                     help="a config key for every trial (--set schedule.total_kimg=100) or a sweep key "
                     "(--set resources.workers=4, --set evaluate.metrics=[fid50k], --set num_samples=2, "

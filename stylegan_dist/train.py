@@ -15,9 +15,9 @@ MLflow run; a failed worker is restarted from the newest checkpoint automaticall
 
 Examples:
   python -m data_pipeline.synthetic data/shapes32 --num-images 2048 --resolution 32
-  python -m stylegan_dist.train --config configs/demo.yaml --data data/shapes32 --workers 2
-  ray job submit --working-dir . -- python -m stylegan_dist.train --data s3://bucket/ffhq1024 \
-      --storage s3://bucket/runs --gpu --workers 8
+  python -m stylegan_dist.train --config configs/demo.yaml --data data/shapes32 --storage runs --workers 2
+  ray job submit --working-dir . -- python -m stylegan_dist.train --data s3://bucket/ffhq1024 --gpu --workers 8
+      (on a cluster whose nodes set STYLEGAN_DIST_STORAGE=s3://bucket/runs and MLFLOW_TRACKING_URI)
   python -m stylegan_dist.train --data /data/ffhq --dry-run           # resolved config + schedule, then exit
   python -m stylegan_dist.train --data data/shapes32 --no-ray          # the core loop in this process
 """
@@ -206,6 +206,8 @@ def run_ray(args: argparse.Namespace, cfg: Config, root: str, run_dir: str, uri:
         print(f"--restart: moved the previous run to {_move_aside(run_dir)}")
     meta = latest_checkpoint_meta(run_dir)
     if meta is not None:
+        if meta.get("config") is None:  # a checkpoint from before configs travelled in Ray's metadata
+            meta["config"] = ckpt_mod.load_checkpoint(storage.join(meta["path"], CKPT_FILE))["config"]
         check_resume_compatible(cfg, meta["config"], run_dir)
         if from_dict(meta["config"]) != cfg:
             print("note: continuing with a changed config (schedule/loss/train keys differ from the checkpoint).")

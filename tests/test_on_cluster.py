@@ -95,8 +95,9 @@ def _submission_id(text: str) -> str:
 def _job_status(cluster: RayCluster, sid: str) -> str:
     r = subprocess.run([cluster.ray, "job", "status", "--address", cluster.dashboard, sid], env=cluster.env,
                        capture_output=True, text=True, timeout=120)
-    m = re.search(r"Status for job '[^']+': (\w+)", r.stdout + r.stderr)
-    return m.group(1) if m else "UNKNOWN"
+    text = r.stdout + r.stderr
+    m = re.search(r"Job '[^']+' (succeeded|failed|stopped)", text) or re.search(r"Status for job '[^']+': (\w+)", text)
+    return m.group(1).upper() if m else "UNKNOWN"
 
 
 def _job_logs(cluster: RayCluster, sid: str) -> str:

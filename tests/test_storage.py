@@ -123,3 +123,19 @@ def test_relative_storage_refused_under_a_ray_job(monkeypatch, tmp_path):
     monkeypatch.setenv(storage.STORAGE_ENV, str(tmp_path / "default"))
     assert storage.check_storage_arg(None) == str(tmp_path / "default")
     assert not (tmp_path / "default").exists()  # checking writes nothing
+
+
+def test_weight_file_from_s3_is_cached_per_version(s3, monkeypatch, tmp_path):
+    from stylegan_dist.metrics.registry import MetricError
+    from stylegan_dist.metrics.weights import resolve_weight
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the per-machine copy goes under ~/.cache
+    monkeypatch.setenv("STYLEGAN_WEIGHTS_DIR", "s3://bucket/weights")
+    with pytest.raises(MetricError, match="was not found at s3://bucket/weights/attribute_classifier.pt"):
+        resolve_weight("classifier")
+    storage.write_bytes("s3://bucket/weights/attribute_classifier.pt", b"one")
+    first = resolve_weight("classifier")
+    assert first.read_bytes() == b"one" and str(first).startswith(str(tmp_path))
+    assert resolve_weight("classifier") == first  # cached
+    storage.write_bytes("s3://bucket/weights/attribute_classifier.pt", b"two!")
+    assert resolve_weight("classifier").read_bytes() == b"two!"

@@ -58,8 +58,9 @@ def weights_dir() -> str:
 
 
 def _local_copy(loc: str) -> Path:
-    """A weight file in object storage, downloaded once per machine into the user cache (keyed by its URI)."""
-    digest = hashlib.sha256(loc.encode()).hexdigest()[:16]
+    """A weight file in object storage, downloaded once per machine into the user cache (keyed by its URI, size and
+    modification time, so a replaced file is fetched again)."""
+    digest = hashlib.sha256(f"{loc}:{storage.version(loc)}".encode()).hexdigest()[:16]
     local = Path.home() / ".cache" / "stylegan_dist" / "weights" / "remote" / digest / storage.name(loc)
     if not local.is_file():
         storage.download(loc, local)
