@@ -26,34 +26,45 @@ CKPT_FILE = "ckpt.pt"
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
+def _started_cluster_address() -> str | None:
+    """The address the last ``ray start --head`` on this machine recorded (in RAY_TMPDIR, default /tmp/ray): the
+    cluster a plain ``ray.init()`` would join. None when no cluster was started here."""
+    try:
+        from ray._private.utils import read_ray_address
+    except ImportError:  # a Ray without the helper: behave as if none was started
+        return None
+    return read_ray_address(None) or None
+
+
 def init_ray(num_cpus: int | None = None, log=print):
-    """Connect to the Ray cluster in RAY_ADDRESS (as under ``ray job submit``), else to a cluster already running on
-    this machine (``ray start``, address ``auto``), else start a local Ray instance of ``num_cpus`` logical CPUs."""
+    """Connect to the Ray cluster in RAY_ADDRESS (as under ``ray job submit``), else to the cluster ``ray start``
+    made on this machine, else start a local Ray instance of ``num_cpus`` logical CPUs (at least 4)."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if ray.is_initialized():
         return ray
-    address = os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS") or _started_cluster_address()
     try:
         if address:
             ray.init(address=address)
+            if not os.environ.get("RAY_ADDRESS"):
+                log(f"Connected to the running Ray cluster at {address} (started with `ray start`).")
         else:
-            try:
-                ray.init(address="auto")
-                log(f"Connected to the running Ray cluster ({ray.get_runtime_context().gcs_address}).")
-            except ConnectionError:
-                # Small machines need at least 4 logical CPUs for the workers, Ray Data and the Train controller.
-                ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1))
-                log("Started a local Ray instance (no cluster was running; `ray start --head` makes one).")
-    except Exception as e:  # AuthenticationError, an unreachable address, ...
-        if type(e).__name__ == "AuthenticationError" or "uthentication" in str(e):
-            raise RayConnectError(f"The Ray cluster at {address or 'auto'} requires token authentication and no "
-                                  f"valid token was found; set RAY_AUTH_TOKEN (from `ray get-auth-token` on the "
-                                  f"head node) or RAY_AUTH_TOKEN_PATH.") from None
-        if isinstance(e, ConnectionError) or "connect" in str(e).lower():
-            raise RayConnectError(f"Cannot connect to the Ray cluster at {address or 'auto'}: "
-                                  f"{str(e).strip().splitlines()[0][:200]}.") from None
+            # Small machines need at least 4 logical CPUs for the workers, Ray Data and the Train controller.
+            ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1))
+            log("Started a local Ray instance (no cluster was running; `ray start --head` makes one).")
+    except Exception as e:  # AuthenticationError, an unreachable or stale address, ...
+        text = str(e).strip().splitlines()
+        first = (text[0] if text else type(e).__name__)[:200].rstrip(".")
+        if type(e).__name__ == "AuthenticationError" or "uthenticat" in str(e):
+            raise RayConnectError(f"The Ray cluster at {address} requires token authentication and no valid token "
+                                  f"was found; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on "
+                                  f"the head node) or RAY_AUTH_TOKEN_PATH.") from None
+        if address and (isinstance(e, (ConnectionError, TimeoutError)) or "connect" in str(e).lower()):
+            hint = "" if os.environ.get("RAY_ADDRESS") else " (the address the last `ray start` on this machine " \
+                "recorded; start that cluster again, or set RAY_ADDRESS)"
+            raise RayConnectError(f"Cannot connect to the Ray cluster at {address}{hint}: {first}.") from None
         raise
     import ray.data
 

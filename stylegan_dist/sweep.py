@@ -175,11 +175,11 @@ def evaluate_checkpoint(checkpoint: str, data: str, names: list[str], *, num: in
 
 
 def resolve_weights(spec: SweepSpec) -> dict[str, str]:
-    """Absolute paths of the weight files the sweep's metrics need, checked now (on the driver), so a missing
-    file fails before hours of training. The paths travel to the trials explicitly: Ray workers do not see
-    the driver's environment variables."""
+    """Locations (absolute paths or storage URIs) of the weight files the sweep's metrics need, checked now (on
+    the driver), so a missing file fails before hours of training. The locations travel to the trials explicitly:
+    Ray workers do not see the driver's environment variables; a URI is copied locally by each node."""
     from .metrics.registry import MetricError
-    from .metrics.weights import resolve_weight
+    from .metrics.weights import locate_weight
 
     needed = set()
     for m in set(spec.evaluate.metrics) | spec.training_metrics():
@@ -192,7 +192,7 @@ def resolve_weights(spec: SweepSpec) -> dict[str, str]:
     out = {}
     for key in sorted(needed):
         try:
-            out[key] = str(resolve_weight(key, spec.evaluate.weights.get(key)).resolve())
+            out[key] = locate_weight(key, spec.evaluate.weights.get(key))
         except MetricError as e:
             names = sorted(set(spec.evaluate.metrics) | spec.training_metrics())
             raise SweepError(f"The sweep evaluates {', '.join(names)}, but {_lower(str(e))} "

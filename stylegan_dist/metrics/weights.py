@@ -67,9 +67,9 @@ def _local_copy(loc: str) -> Path:
     return local
 
 
-def resolve_weight(key: str, explicit: str | os.PathLike | None = None) -> Path:
-    """Local path of weight file ``key`` (see WEIGHTS), downloaded first when it lives in object storage; raises
-    MetricError when it is not there."""
+def locate_weight(key: str, explicit: str | os.PathLike | None = None) -> str:
+    """Location (local path or storage URI) of weight file ``key`` (see WEIGHTS), checked to exist; raises
+    MetricError when it is not there. Pass this to other machines: each makes its own local copy."""
     spec = WEIGHTS[key]
     if explicit:
         loc, how = storage.resolve(explicit), "the path given"
@@ -86,6 +86,12 @@ def resolve_weight(key: str, explicit: str | os.PathLike | None = None) -> Path:
             f"{spec.file_name} ({spec.what}) was not found at {loc} ({how}); {spec.source}, so put it there, "
             f"set {spec.env} to its path or pass its path as an option."
         )
+    return loc
+
+
+def resolve_weight(key: str, explicit: str | os.PathLike | None = None) -> Path:
+    """Local path of weight file ``key``, downloaded first when it lives in object storage (see locate_weight)."""
+    loc = locate_weight(key, explicit)
     if storage.is_uri(loc):
         try:
             return _local_copy(loc)
