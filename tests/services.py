@@ -126,7 +126,10 @@ class RayCluster:
                     "--dashboard-host=127.0.0.1"]
         else:
             args = [f"--address={self.address}"]
-        proc = subprocess.Popen([self.ray, "start", *args, f"--num-cpus={self.node_cpus[i]}", f"--temp-dir={tmp}",
+        # The head takes Ray's default temp dir under RAY_TMPDIR, where it records its address for clients on this
+        # machine (`ray.init()` without an address, `train` without RAY_ADDRESS); other nodes need their own dirs.
+        own_dir = [] if i == 0 else [f"--temp-dir={tmp}"]
+        proc = subprocess.Popen([self.ray, "start", *args, f"--num-cpus={self.node_cpus[i]}", *own_dir,
                                  "--disable-usage-stats", *self._ports()], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
         out, _ = proc.communicate(timeout=180)
