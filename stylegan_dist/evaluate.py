@@ -58,7 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "stylegan_dist.metrics.classifier, or a torch.export archive)")
     ap.add_argument("--cache-dir", metavar="DIR", help="real-statistics cache (default: $STYLEGAN_CACHE_DIR or "
                     "~/.cache/stylegan_dist)")
-    ap.add_argument("--ppl-crop", action="store_true", help="crop the central face region before LPIPS (FFHQ)")
+    ap.add_argument("--ppl-crop", action=argparse.BooleanOptionalAction, default=None,
+                    help="crop the central face region before LPIPS (default: the run's metrics.ppl_crop, on as in "
+                    "StyleGAN v1; --no-ppl-crop for data that are not faces)")
+    ap.add_argument("--fid-mirror", action=argparse.BooleanOptionalAction, default=None,
+                    help="mirror FID's reals at random (default: when the run used mirror augmentation, as the "
+                    "official metric)")
     ap.add_argument("--ls-min-accuracy", type=float, help="ls uses only attributes whose classifier reached this "
                     "held-out balanced accuracy (default: 0.8; classifiers without recorded accuracy: all)")
     ap.add_argument("--mlflow-run", metavar="ID", help="MLflow run to log into (default: the checkpoint's run)")
@@ -103,13 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         G, cfg, info = load_generator(args.checkpoint, device)
         s = settings_from_config(cfg)
         opts = options_from_settings(s, G, resolution=info["resolution"], alpha=info["alpha"], data=args.data,
-                                     device=device, progress=print)
+                                     device=device, progress=print, mirror=cfg.train.mirror)
         opts.data = args.data or opts.data
         opts.num = args.num if args.num is not None else opts.num
         opts.batch_size = args.batch
         opts.seed = args.seed
         opts.cache_dir = args.cache_dir or opts.cache_dir
-        opts.ppl_crop = args.ppl_crop or opts.ppl_crop
+        if args.ppl_crop is not None:
+            opts.ppl_crop = args.ppl_crop
+        if args.fid_mirror is not None:
+            opts.fid_mirror = args.fid_mirror
         if args.ls_min_accuracy is not None:
             opts.ls_min_accuracy = args.ls_min_accuracy
         for key, val in (("inception", args.inception), ("vgg16", args.vgg16), ("lpips", args.lpips),
@@ -160,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Wrote {args.out}")
     if run_id:
         try:
-            from .metrics.tracking import log_metrics
+            from .metrics.tracking import log_metrics, log_protocol
 
             timing = {f"time_{r['name']}": r["seconds"] for r in results}
             log_metrics(run_id, {**values, **timing}, step=info["cur_nimg"], uri=args.tracking_uri)
+            log_protocol(run_id, {k: v for r in results for k, v in r["protocol"].items()}, uri=args.tracking_uri)
         except MetricError as e:
             return fail(str(e))
         print(f"Logged {', '.join(values)} to MLflow run {run_id} (step {info['cur_nimg']}).")

@@ -115,7 +115,7 @@ class Evaluate:
     batch: int = 32
     seed: int = 0
     weights: dict[str, str] = field(default_factory=dict)
-    ppl_crop: bool = False  # the paper's central face crop before LPIPS (FFHQ)
+    ppl_crop: bool = True  # StyleGAN v1's central face crop before LPIPS (false for data that are not faces)
     cache_dir: str | None = None  # FID real-statistics cache (None: $STYLEGAN_CACHE_DIR or ~/.cache/stylegan_dist)
 
     def outputs(self) -> list[str]:
@@ -606,7 +606,7 @@ def load_sweep(path: str | Path, set_args: list[str] | None = None) -> SweepSpec
     _check_keys(weights, WEIGHT_KEYS, where, ("evaluate", "weights"), "weights")
     for k, v in weights.items():
         _str(v, where, ("evaluate", "weights", k), k)
-    ppl_crop = ev.get("ppl_crop", False)
+    ppl_crop = ev.get("ppl_crop", True)
     if not isinstance(ppl_crop, bool):
         raise SweepError(f"{where('evaluate', 'ppl_crop')}: 'ppl_crop' expects true or false, got {_show(ppl_crop)}.")
     evaluate = Evaluate(

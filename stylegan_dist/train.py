@@ -155,7 +155,10 @@ def _mlflow_run(args, cfg: Config, run_dir: Path, uri: str, previous_id: str | N
         return previous_id
     if previous_id:
         print(f"note: MLflow run {previous_id} is not in {uri}; starting a new MLflow run for this run.")
-    params = {**flat_params(cfg), "data": str(Path(args.data).resolve()), "workers": str(workers)}
+    from .metrics.training import protocol_params  # how the metrics are measured: crop, mirror, reals, precision
+
+    params = {**flat_params(cfg), **protocol_params(cfg), "data": str(Path(args.data).resolve()),
+              "workers": str(workers)}
     run_id = create_run(uri, args.experiment, run_dir.name, params, tags={"run_dir": str(run_dir)})
     return run_id
 

@@ -67,6 +67,10 @@ def test_evaluate_logs_every_metric_to_the_mlflow_run(setup, tmp_path):
     keys = ["fid50k", "ppl_zfull", "ppl_wfull", "ppl_zend", "ppl_wend", "ls_z", "ls_w"]
     logged = MlflowClient(uri).get_run(run_id).data.metrics
     assert set(keys) <= set(logged) and "time_fid50k" in logged
+    params = MlflowClient(uri).get_run(run_id).data.params  # the protocol each metric used
+    assert params["protocol.fid50k.mirror"] == "True"  # the checkpoint's run mirrored (train.mirror default)
+    assert params["protocol.fid50k.reals"].startswith("8 ") and params["protocol.ppl_wend.crop"] == "True"
+    assert params["protocol.ls.precision"] == "fp32 (TF32 off)"
     hist = MlflowClient(uri).get_metric_history(run_id, "ppl_wend")
     assert [m.step for m in hist] == [CUR_NIMG]
     res = json.loads(out.read_text())

@@ -230,3 +230,76 @@ def test_missing_weight_file_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setenv("STYLEGAN_WEIGHTS_DIR", str(tmp_path))
     (tmp_path / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"x")
     assert resolve_weight("inception") == tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+
+
+class RecordingExtractor(TinyExtractor):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append(images.cpu())
+        return super().forward(images)
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+def test_fid_reals_repeat_the_dataset_and_are_mirrored_when_the_run_mirrored(synthetic32, tmp_path, mirror):
+    from data_pipeline.stream import iter_images
+    from stylegan_dist.metrics.fid import mirror_mask, real_stats
+
+    data = torch.cat(list(iter_images(synthetic32, 32, 64)))  # 256 images in dataset order
+    num = 300
+    ext = RecordingExtractor()
+    G = build_generator(tiny_config(resolution=32)).eval()
+    _, _, count = real_stats(_opts(G, synthetic32, tmp_path, ext, fid_mirror=mirror), ext, num)
+    seen = torch.cat(ext.seen)
+    assert count == num and len(seen) == num  # the dataset repeated up to the requested count
+    expect = data[torch.arange(num) % len(data)]
+    mask = torch.from_numpy(mirror_mask(num)) if mirror else torch.zeros(num, dtype=torch.bool)
+    expect = torch.where(mask[:, None, None, None], expect.flip(-1), expect)
+    assert torch.equal(seen, expect)
+    if mirror:
+        assert 0.4 < mask.float().mean() < 0.6 and not torch.equal(seen, data[torch.arange(num) % len(data)])
+    # two workers read the same reals
+    two = run_ranks(2, lambda rank, gather: real_stats(
+        _opts(G, synthetic32, tmp_path / f"r{rank}", TinyExtractor(), fid_mirror=mirror, rank=rank, world_size=2,
+              gather=gather), TinyExtractor(), num))
+    one = real_stats(_opts(G, synthetic32, tmp_path / "one", TinyExtractor(), fid_mirror=mirror), TinyExtractor(), num)
+    np.testing.assert_allclose(two[0][0], one[0], rtol=1e-9)
+    # the old protocol: at most the dataset, each image once
+    _, _, count_once = real_stats(_opts(G, synthetic32, tmp_path / "once", TinyExtractor(), fid_repeat_reals=False),
+                                  TinyExtractor(), num)
+    assert count_once == len(data)
+
+
+def test_fid_protocol_follows_the_runs_mirror_setting():
+    from stylegan_dist.metrics.training import protocol_params
+
+    cfg = tiny_config("metrics.names=fid50k,ppl_wend", "metrics.num=1000")
+    params = protocol_params(cfg)
+    assert params["protocol.fid50k.mirror"] == "True" and params["protocol.fid50k.reals"].startswith("1000 ")
+    assert params["protocol.ppl_wend.crop"] == "True" and params["protocol.fid50k.precision"].startswith("fp32")
+    assert protocol_params(tiny_config("metrics.names=fid50k", "train.mirror=false"))["protocol.fid50k.mirror"] == \
+        "False"
+    assert protocol_params(tiny_config("metrics.names=fid50k", "metrics.fid_mirror=false"))[
+        "protocol.fid50k.mirror"] == "False"
+
+
+def test_tf32_is_off_while_a_metric_runs(synthetic32, tmp_path):
+    class FlagExtractor(TinyExtractor):
+        flags = []
+
+        def forward(self, images):
+            self.flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return super().forward(images)
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as training with tf32 sets
+    try:
+        G = build_generator(tiny_config(resolution=32)).eval()
+        ext = FlagExtractor()
+        calc_metric("fid50k", _opts(G, synthetic32, tmp_path, ext, num=16))
+        assert ext.flags and set(ext.flags) == {(False, False)}
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored afterwards
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -1,8 +1,12 @@
 """FID (Heusel et al. 2017) as in the paper: Inception-v3 pool features of generated vs real images.
 
-Generated images are quantised to uint8 first, as the official code does. Real images are the first
-min(num, dataset size) images at the generator's current resolution. Real statistics are cached under a
-hash of the dataset's content, the resolution, the sample count and the feature extractor's identity.
+Generated images are quantised to uint8 first, as the official code does. Real images, at the generator's
+current resolution, are as many as generated ones: the dataset in order, repeated when it is smaller (the
+official metric draws num reals from the repeating dataset), and each mirrored with probability 1/2 when the
+run used mirror augmentation (a fixed draw, so the statistics are reproducible). ``fid_repeat_reals=False``
+uses the first min(num, dataset size) reals once each. Real statistics are cached under a hash of the
+dataset's content, the resolution, the sample count, the mirror and repeat settings and the feature
+extractor's identity.
 """
 
 from __future__ import annotations
@@ -47,9 +51,10 @@ def real_stats(opts: MetricOptions, extractor, num: int) -> tuple[np.ndarray, np
     if not opts.data:
         raise MetricError("FID needs the real images: give the dataset directory (--data).")
     manifest = open_dataset(opts.data)
-    count = min(num, int(manifest["num_images"]))
+    count = num if opts.fid_repeat_reals else min(num, int(manifest["num_images"]))
     key = frechet.cache_key(dataset=manifest_digest(manifest), resolution=opts.resolution, num=count,
-                            extractor=str(getattr(extractor, "ident", type(extractor).__name__)))
+                            extractor=str(getattr(extractor, "ident", type(extractor).__name__)),
+                            mirror=bool(opts.fid_mirror), repeat=bool(opts.fid_repeat_reals))
     path = frechet.cache_path(opts.resolve_cache_dir(), key)
     cached = frechet.load_cached_stats(path, key)
     # Every rank must take the same branch (the gathers below are collective).
@@ -62,7 +67,7 @@ def real_stats(opts: MetricOptions, extractor, num: int) -> tuple[np.ndarray, np
     stats = FeatureStats(_dim(extractor))
     start, stop = rank_range(count, opts.rank, opts.world_size)
     prog = Progress(opts, "reals", count)
-    for images in iter_real_slice(opts.data, manifest, opts.resolution, opts.batch_size, start, stop):
+    for images in iter_reals(opts, manifest, start, stop, count):
         stats.append(extractor(images.to(opts.device)))
         prog.update(len(images))
     merged = FeatureStats.merge(opts.gather(stats))
@@ -70,6 +75,34 @@ def real_stats(opts: MetricOptions, extractor, num: int) -> tuple[np.ndarray, np
     if opts.rank == 0:
         frechet.save_cached_stats(path, key, merged.count, mu, sigma)
     return mu, sigma, merged.count
+
+
+MIRROR_SEED = 20191212  # the fixed draw of which reals are mirrored
+
+
+def mirror_mask(count: int) -> np.ndarray:
+    """[count] bool: which of the reals 0..count-1 are mirrored (the same draw on every rank)."""
+    return np.random.default_rng(MIRROR_SEED).random(count) < 0.5
+
+
+def iter_reals(opts: MetricOptions, manifest: dict[str, Any], start: int, stop: int, count: int):
+    """uint8 batches of reals [start, stop) of the ``count`` FID reals: real i is dataset row i mod N, mirrored
+    (left-right) when ``opts.fid_mirror`` and the fixed draw says so."""
+    n_data = int(manifest["num_images"])
+    if n_data < 1:
+        raise MetricError(f"Dataset {opts.data} has no images.")
+    mask = mirror_mask(count) if opts.fid_mirror else None
+    pos = start
+    while pos < stop:
+        epoch_start = pos - pos % n_data
+        seg_stop = min(stop, epoch_start + n_data)
+        for images in iter_real_slice(opts.data, manifest, opts.resolution, opts.batch_size, pos - epoch_start,
+                                      seg_stop - epoch_start):
+            if mask is not None:
+                flip = torch.from_numpy(mask[pos:pos + len(images)])
+                images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+            pos += len(images)
+            yield images
 
 
 def fake_stats_partial(opts: MetricOptions, extractor, num: int, tag: str = "fid") -> FeatureStats:
@@ -92,7 +125,7 @@ def fid_from_partials(fake_parts: list[FeatureStats], real: tuple[np.ndarray, np
 
 @register_metric
 def fid50k(opts: MetricOptions) -> dict[str, Any]:
-    """FID between ``num`` (default 50,000) generated images and up to as many real images."""
+    """FID between ``num`` (default 50,000) generated images and as many real images (see the module doc)."""
     num = int(opts.num or 50_000)
     if num < 2:
         raise MetricError(f"FID needs at least 2 samples, got {num}.")
