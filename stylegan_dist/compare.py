@@ -34,9 +34,9 @@ from pathlib import Path
 
 METRIC_COLUMNS = {  # our metric name -> column title, in table order
     "fid50k": "FID",
-    "fid_mix2": "FID 2 latents",
-    "fid_mix3": "FID 3 latents",
-    "fid_mix4": "FID 4 latents",
+    "fid50k_mix2": "FID 2 latents",
+    "fid50k_mix3": "FID 3 latents",
+    "fid50k_mix4": "FID 4 latents",
     "ppl_zfull": "PPL Z full",
     "ppl_zend": "PPL Z end",
     "ppl_wfull": "PPL W full",
@@ -93,6 +93,8 @@ class PaperTable:
     row_key: Callable[[dict[str, str], dict[str, str]], str | None]
     rows: dict[str, tuple[str, dict[str, float]]]  # key -> (the paper's row label, values)
     note: str = ""
+    columns: dict[str, str] = field(default_factory=dict)  # metric -> column title, where the paper's differ
+    row_title: str = "paper row"
 
 
 PAPER_TABLES: dict[str, PaperTable] = {
@@ -113,12 +115,16 @@ PAPER_TABLES: dict[str, PaperTable] = {
     "table2": PaperTable(
         "Table 2: FID by mixing regularization probability (FFHQ)", _row_table2,
         {
-            "0": ("E 0%", {"fid50k": 4.42, "fid_mix2": 8.22, "fid_mix3": 12.88, "fid_mix4": 17.41}),
-            "0.5": ("50%", {"fid50k": 4.41, "fid_mix2": 6.10, "fid_mix3": 8.71, "fid_mix4": 11.61}),
-            "0.9": ("F 90%", {"fid50k": 4.40, "fid_mix2": 5.11, "fid_mix3": 6.88, "fid_mix4": 9.03}),
-            "1": ("100%", {"fid50k": 4.83, "fid_mix2": 5.17, "fid_mix3": 6.63, "fid_mix4": 8.40}),
+            "0": ("E 0%", {"fid50k": 4.42, "fid50k_mix2": 8.22, "fid50k_mix3": 12.88, "fid50k_mix4": 17.41}),
+            "0.5": ("50%", {"fid50k": 4.41, "fid50k_mix2": 6.10, "fid50k_mix3": 8.71, "fid50k_mix4": 11.61}),
+            "0.9": ("F 90%", {"fid50k": 4.40, "fid50k_mix2": 5.11, "fid50k_mix3": 6.88, "fid50k_mix4": 9.03}),
+            "1": ("100%", {"fid50k": 4.83, "fid50k_mix2": 5.17, "fid50k_mix3": 6.63, "fid50k_mix4": 8.40}),
         },
-        "The paper's columns 2-4 mix that many latents at test time; FID is ours with 1 latent.",
+        "Rows: mixing regularization probability during training; columns: number of latents mixed at test "
+        "time, at distinct random crossover layers (fid50k, fid50k_mix2, fid50k_mix3, fid50k_mix4).",
+        columns={"fid50k": "1 latent", "fid50k_mix2": "2 latents", "fid50k_mix3": "3 latents",
+                 "fid50k_mix4": "4 latents"},
+        row_title="mixing regularization",
     ),
     "table3": PaperTable(
         "Table 3: perceptual path lengths and separability (FFHQ)", _row_table3,
@@ -346,11 +352,13 @@ def metric_columns(comp: Comparison) -> list[str]:
 def table_rows(comp: Comparison) -> tuple[list[str], list[list[str]]]:
     cols = metric_columns(comp)
     has_paper = comp.paper_table is not None
-    header = ["trial"] + (["paper row"] if has_paper else [])
+    table = PAPER_TABLES.get(comp.paper_table) if has_paper else None
+    titles = {**METRIC_COLUMNS, **(table.columns if table else {})}
+    header = ["trial"] + ([table.row_title if table else "paper row"] if has_paper else [])
     for m in cols:
-        header.append(METRIC_COLUMNS[m])
+        header.append(titles[m])
         if has_paper:
-            header.append(f"{METRIC_COLUMNS[m]} (paper)")
+            header.append(f"{titles[m]} (paper)")
     header += ["kimg", "train time", "status"]
     body = []
     best = comp.best()

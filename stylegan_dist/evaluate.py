@@ -1,8 +1,8 @@
 """``python -m stylegan_dist.evaluate``: the paper's metrics for a checkpoint's G_ema, logged to MLflow.
 
-Metrics (see docs/metrics.md): fid50k; ppl_zfull, ppl_wfull, ppl_zend, ppl_wend; ls (reports ls_z and
-ls_w). A partially grown checkpoint is evaluated at its current resolution. Pretrained weights are read
-from local files (options below, or STYLEGAN_INCEPTION_WEIGHTS, STYLEGAN_VGG16_WEIGHTS,
+Metrics (see docs/metrics.md): fid50k, fid50k_mix2..4 (Table 2); ppl_zfull, ppl_wfull, ppl_zend, ppl_wend;
+ls (reports ls_z and ls_w). A partially grown checkpoint is evaluated at its current resolution. Pretrained
+weights are read from local files (options below, or STYLEGAN_INCEPTION_WEIGHTS, STYLEGAN_VGG16_WEIGHTS,
 STYLEGAN_LPIPS_WEIGHTS, STYLEGAN_CLASSIFIER, or STYLEGAN_WEIGHTS_DIR); nothing is downloaded.
 
 Values go to the MLflow run given by --mlflow-run, else to the run recorded in the checkpoint (if any),
@@ -35,7 +35,7 @@ from .metrics.ppl import get_lpips
 from .metrics.separability import get_classifier
 from .metrics.training import options_from_settings, settings_from_config
 
-DEFAULT_NUM = {"fid50k": 50_000, "ppl": 100_000, "ls": 200_000}
+DEFAULT_NUM = {"fid": 50_000, "ppl": 100_000, "ls": 200_000}  # by the metric name's prefix
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             raise MetricError("--mlflow-run and --no-mlflow contradict each other; give one of them.")
         if args.num is not None and args.num < 2:
             raise MetricError(f"--num must be at least 2, got {args.num}.")
-        if "fid50k" in names and not args.data:
-            raise MetricError("fid50k needs the real images: give the dataset directory with --data.")
+        fids = [n for n in names if n.startswith("fid")]
+        if fids and not args.data:
+            raise MetricError(f"{fids[0]} needs the real images: give the dataset directory with --data.")
         device = resolve_device(args.device)
         G, cfg, info = load_generator(args.checkpoint, device)
         s = settings_from_config(cfg)
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{info['alpha']:.2f}) on {device}: {', '.join(names)}")
         results, t_all = [], time.time()
         for name in names:
-            num = opts.num or DEFAULT_NUM["ppl" if name.startswith("ppl") else name]
+            num = opts.num or next(v for k, v in DEFAULT_NUM.items() if name.startswith(k))
             print(f"{name}: {num} samples ...")
             r = calc_metric(name, opts)
             r["num"] = num

@@ -7,6 +7,10 @@ run used mirror augmentation (a fixed draw, so the statistics are reproducible).
 uses the first min(num, dataset size) reals once each. Real statistics are cached under a hash of the
 dataset's content, the resolution, the sample count, the mirror and repeat settings and the feature
 extractor's identity.
+
+``fid50k_mix2``, ``fid50k_mix3``, ``fid50k_mix4`` (paper section 3.1, Table 2): the same FID with every
+generated image mixing 2, 3 or 4 latents, switched at distinct crossover layers drawn uniformly among the
+layers in use.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .registry import (
     device_generator,
     generate,
     my_chunks,
+    random_noise,
     register_metric,
     seed_for,
     to_uint8,
@@ -105,14 +110,43 @@ def iter_reals(opts: MetricOptions, manifest: dict[str, Any], start: int, stop: 
             yield images
 
 
-def fake_stats_partial(opts: MetricOptions, extractor, num: int, tag: str = "fid") -> FeatureStats:
-    """This rank's slice of generated-image statistics (combine slices with FeatureStats.merge)."""
+def mixed_ws(G, z: torch.Tensor, num_latents: int, resolution: int, gen: torch.Generator,
+             device: torch.device) -> torch.Tensor:
+    """Style mixing at test time (paper section 3.1, Table 2): each image takes ``num_latents`` latents
+    z [N * k, latent] (image i: rows i*k .. i*k+k-1) and k - 1 distinct crossover layers drawn uniformly among
+    the layers in use at ``resolution``; layers before the first crossover take the first latent's w, and so
+    on. -> ws [N, num_ws, w_dim]."""
+    k = num_latents
+    n = z.shape[0] // k
+    ws = G.map(z.to(device)).view(n, k, G.num_ws, -1)  # [N, k, num_ws, w_dim]
+    layers = G.active_layers(resolution)
+    if k - 1 > layers - 1:
+        raise MetricError(f"FID with {k} mixed latents needs {k} synthesis layers at {resolution}x{resolution}, "
+                          f"which has {layers}; evaluate it at a larger resolution.")
+    # k - 1 distinct crossovers in [1, layers): the first k - 1 of a random permutation, sorted.
+    cross = torch.rand(n, layers - 1, generator=gen).argsort(dim=1)[:, :k - 1].sort(dim=1).values + 1  # [N, k-1]
+    which = (torch.arange(G.num_ws)[None, :, None] >= cross[:, None, :]).sum(dim=2)  # [N, num_ws] in [0, k)
+    index = which.to(device)[:, None, :, None].expand(n, 1, G.num_ws, ws.shape[-1])
+    return ws.gather(1, index)[:, 0]
+
+
+def fake_stats_partial(opts: MetricOptions, extractor, num: int, tag: str = "fid",
+                       num_latents: int = 1) -> FeatureStats:
+    """This rank's slice of generated-image statistics (combine slices with FeatureStats.merge). With
+    ``num_latents`` > 1 every image mixes that many latents (``mixed_ws``)."""
     stats = FeatureStats(_dim(extractor))
     prog = Progress(opts, "fakes", num)
     for k, n in my_chunks(num, opts.batch_size, opts.rank, opts.world_size):
         s = seed_for(opts.seed, tag, k)
-        z = torch.randn(n, opts.G.latent_dim, generator=cpu_generator(s))
-        images = generate(opts, z, device_generator(s + 1, opts.device))
+        g = cpu_generator(s)
+        z = torch.randn(n * num_latents, opts.G.latent_dim, generator=g)
+        if num_latents == 1:
+            images = generate(opts, z, device_generator(s + 1, opts.device))
+        else:
+            with torch.no_grad():
+                ws = mixed_ws(opts.G, z, num_latents, opts.resolution, g, opts.device)
+                noise = random_noise(opts.G, n, opts.resolution, device_generator(s + 1, opts.device), opts.device)
+                images = opts.G.synthesis(ws, opts.resolution, opts.alpha, noise=noise)
         stats.append(extractor(to_uint8(images)))
         prog.update(n)
     return stats
@@ -123,13 +157,36 @@ def fid_from_partials(fake_parts: list[FeatureStats], real: tuple[np.ndarray, np
     return frechet.frechet_distance(mu, sigma, real[0], real[1])
 
 
-@register_metric
-def fid50k(opts: MetricOptions) -> dict[str, Any]:
-    """FID between ``num`` (default 50,000) generated images and as many real images (see the module doc)."""
+def _fid(opts: MetricOptions, name: str, num_latents: int) -> dict[str, Any]:
     num = int(opts.num or 50_000)
     if num < 2:
         raise MetricError(f"FID needs at least 2 samples, got {num}.")
     extractor = get_inception(opts)
     mu_r, sigma_r, _ = real_stats(opts, extractor, num)
-    parts = opts.gather(fake_stats_partial(opts, extractor, num))
-    return {"fid50k": fid_from_partials(parts, (mu_r, sigma_r))}
+    tag = "fid" if num_latents == 1 else name
+    parts = opts.gather(fake_stats_partial(opts, extractor, num, tag=tag, num_latents=num_latents))
+    return {name: fid_from_partials(parts, (mu_r, sigma_r))}
+
+
+@register_metric
+def fid50k(opts: MetricOptions) -> dict[str, Any]:
+    """FID between ``num`` (default 50,000) generated images and as many real images (see the module doc)."""
+    return _fid(opts, "fid50k", 1)
+
+
+@register_metric
+def fid50k_mix2(opts: MetricOptions) -> dict[str, Any]:
+    """FID of images that mix 2 latents at random crossover layers (paper Table 2, column 2)."""
+    return _fid(opts, "fid50k_mix2", 2)
+
+
+@register_metric
+def fid50k_mix3(opts: MetricOptions) -> dict[str, Any]:
+    """FID of images that mix 3 latents at random crossover layers (paper Table 2, column 3)."""
+    return _fid(opts, "fid50k_mix3", 3)
+
+
+@register_metric
+def fid50k_mix4(opts: MetricOptions) -> dict[str, Any]:
+    """FID of images that mix 4 latents at random crossover layers (paper Table 2, column 4)."""
+    return _fid(opts, "fid50k_mix4", 4)
