@@ -1,9 +1,10 @@
 """``python -m stylegan_dist.evaluate``: the paper's metrics for a checkpoint's G_ema, logged to MLflow.
 
 Metrics (see docs/metrics.md): fid50k, fid50k_mix2..4 (Table 2); ppl_zfull, ppl_wfull, ppl_zend, ppl_wend;
-ls (reports ls_z and ls_w). A partially grown checkpoint is evaluated at its current resolution. Pretrained
-weights are read from local files (options below, or STYLEGAN_INCEPTION_WEIGHTS, STYLEGAN_VGG16_WEIGHTS,
-STYLEGAN_LPIPS_WEIGHTS, STYLEGAN_CLASSIFIER, or STYLEGAN_WEIGHTS_DIR); nothing is downloaded.
+ls (reports ls_z and ls_w); fid_shapes (FID in the shapes classifier's feature space). A partially grown
+checkpoint is evaluated at its current resolution. Pretrained weights are read from local files (options
+below, or STYLEGAN_INCEPTION_WEIGHTS, STYLEGAN_VGG16_WEIGHTS, STYLEGAN_LPIPS_WEIGHTS, STYLEGAN_CLASSIFIER, or
+STYLEGAN_WEIGHTS_DIR); nothing is downloaded.
 
 Values go to the MLflow run given by --mlflow-run, else to the run recorded in the checkpoint (if any),
 at step = the checkpoint's image count; the tracking store is MLFLOW_TRACKING_URI, else the
@@ -32,6 +33,7 @@ from .generate import GenerateError, load_generator, resolve_device
 from .metrics import MetricError, calc_metric, list_metrics, parse_metric_list
 from .metrics.fid import get_inception
 from .metrics.ppl import get_lpips
+from .metrics.registry import extractors_needed
 from .metrics.separability import get_classifier
 from .metrics.training import options_from_settings, settings_from_config
 
@@ -126,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             if val:
                 opts.weights[key] = val
         # Load every extractor before the long work, so a missing file fails in the first second.
-        if any(n.startswith("fid") for n in names):
+        need = extractors_needed(names)
+        if "inception" in need:
             get_inception(opts)
-        if any(n.startswith("ppl") for n in names):
+        if "lpips" in need:
             get_lpips(opts)
-        if "ls" in names:
+        if "classifier" in need:
             get_classifier(opts)
         run_id = None if args.no_mlflow else (args.mlflow_run or info["extra"].get("mlflow_run_id"))
         if run_id:

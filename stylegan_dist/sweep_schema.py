@@ -61,7 +61,7 @@ SCHEDULER_KEYS = ("type", "metric", "mode", "time_attr", "grace_period", "reduct
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 SAMPLED = ("choice", "uniform", "loguniform", "randint")
 METRIC_NAMES = ("fid50k", "fid50k_mix2", "fid50k_mix3", "fid50k_mix4", "ppl_zfull", "ppl_wfull", "ppl_zend",
-                "ppl_wend", "ls")
+                "ppl_wend", "ls", "fid_shapes")
 # Which values each evaluation metric reports (ls reports both spaces).
 METRIC_OUTPUTS = {"ls": ("ls_z", "ls_w")}
 SCHEDULERS = ("asha",)

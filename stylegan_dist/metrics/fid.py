@@ -11,6 +11,11 @@ extractor's identity.
 ``fid50k_mix2``, ``fid50k_mix3``, ``fid50k_mix4`` (paper section 3.1, Table 2): the same FID with every
 generated image mixing 2, 3 or 4 latents, switched at distinct crossover layers drawn uniformly among the
 layers in use.
+
+``fid_shapes``: the same FID in the feature space of the project's own attribute classifier (its penultimate
+layer; ``python -m stylegan_dist.metrics.classifier`` trains one on the synthetic shapes dataset in a minute on
+a CPU), so that a demo or CI run can show that the model learns without any downloaded weights. Its values
+are not comparable with Inception FIDs.
 """
 
 from __future__ import annotations
@@ -190,3 +195,20 @@ def fid50k_mix3(opts: MetricOptions) -> dict[str, Any]:
 def fid50k_mix4(opts: MetricOptions) -> dict[str, Any]:
     """FID of images that mix 4 latents at random crossover layers (paper Table 2, column 4)."""
     return _fid(opts, "fid50k_mix4", 4)
+
+
+@register_metric
+def fid_shapes(opts: MetricOptions) -> dict[str, Any]:
+    """FID in the feature space of the shapes classifier (``metrics.classifier``), reals as for fid50k."""
+    from .classifier import ClassifierFeatures
+    from .separability import get_classifier
+
+    num = int(opts.num or 50_000)
+    if num < 2:
+        raise MetricError(f"FID needs at least 2 samples, got {num}.")
+    features = ClassifierFeatures(get_classifier(opts))
+    if features.feature_dim < 1:
+        features.clf.embed(torch.zeros(1, 3, 4, 4))  # raises the one-sentence error
+    mu_r, sigma_r, _ = real_stats(opts, features, num)
+    parts = opts.gather(fake_stats_partial(opts, features, num, tag="fid_shapes"))
+    return {"fid_shapes": fid_from_partials(parts, (mu_r, sigma_r))}

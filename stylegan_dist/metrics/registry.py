@@ -56,6 +56,19 @@ def get_metric(name: str) -> MetricFn:
     return _METRICS[name]
 
 
+def extractors_needed(names: list[str]) -> set[str]:
+    """Which pretrained networks the metrics ``names`` load: inception, lpips, classifier."""
+    need = set()
+    for n in names:
+        if n == "ls" or n == "fid_shapes":
+            need.add("classifier")
+        elif n.startswith("fid"):
+            need.add("inception")
+        elif n.startswith("ppl"):
+            need.add("lpips")
+    return need
+
+
 def parse_metric_list(text: str) -> list[str]:
     names = [n.strip() for n in str(text).split(",") if n.strip()]
     for n in names:

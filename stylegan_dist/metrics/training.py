@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config import MetricsConfig
-from .registry import MetricOptions, calc_metric, parse_metric_list, single_process_gather
+from .registry import MetricOptions, calc_metric, extractors_needed, parse_metric_list, single_process_gather
 
 # The config's ``metrics`` section is the one definition of these settings.
 MetricsSettings = MetricsConfig
@@ -122,11 +122,12 @@ def run_training_metrics(cfg: Any, G_ema: torch.nn.Module, data: str | None, cur
                                  device=device, rank=rank, world_size=world_size, gather=gather, progress=log,
                                  mirror=run_mirrored(cfg))
     w = opts.weights
-    if any(n.startswith("fid") for n in names):
+    need = extractors_needed(names)
+    if "inception" in need:
         opts.inception = _cached("inception", (w["inception"],), device, lambda: get_inception(opts))
-    if any(n.startswith("ppl") for n in names):
+    if "lpips" in need:
         opts.lpips = _cached("lpips", (w["vgg16"], w["lpips"]), device, lambda: get_lpips(opts))
-    if "ls" in names:
+    if "classifier" in need:
         opts.classifier = _cached("classifier", (w["classifier"],), device, lambda: get_classifier(opts))
     out: dict[str, float] = {}
     for name in names:
