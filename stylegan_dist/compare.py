@@ -43,6 +43,7 @@ METRIC_COLUMNS = {  # our metric name -> column title, in table order
     "ppl_wend": "PPL W end",
     "ls_z": "LS Z",
     "ls_w": "LS W",
+    "fid_shapes": "shapes-FID",
 }
 
 # The released FFHQ generator (configuration F) as measured by the official metrics code.
@@ -218,7 +219,7 @@ class Comparison:
         return pick(scored, key=lambda r: r.metrics[metric])
 
 
-HISTORY_KEYS = ("loss_G", "loss_D", "fid50k")
+HISTORY_KEYS = ("loss_G", "loss_D", "fid50k", "fid_shapes")
 
 
 def _client(uri: str):
@@ -433,6 +434,8 @@ def render_charts(comp: Comparison, out: Path) -> list[Path]:
         return []
     written = []
     for key, title, fname in (("fid50k", "FID over training", "fid_over_kimg.png"),
+                              ("fid_shapes", "Shapes-FID (shapes classifier features) over training",
+                               "fid_shapes_over_kimg.png"),
                               ("loss_G", "Generator loss over training", "loss_G_over_kimg.png"),
                               ("loss_D", "Discriminator loss over training", "loss_D_over_kimg.png")):
         series = [(r.label, r.history.get(key, [])) for r in comp.rows if r.history.get(key)]
