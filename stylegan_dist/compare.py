@@ -35,15 +35,16 @@ from pathlib import Path
 
 METRIC_COLUMNS = {  # our metric name -> column title, in table order
     "fid50k": "FID",
-    "fid_mix2": "FID 2 latents",
-    "fid_mix3": "FID 3 latents",
-    "fid_mix4": "FID 4 latents",
+    "fid50k_mix2": "FID 2 latents",
+    "fid50k_mix3": "FID 3 latents",
+    "fid50k_mix4": "FID 4 latents",
     "ppl_zfull": "PPL Z full",
     "ppl_zend": "PPL Z end",
     "ppl_wfull": "PPL W full",
     "ppl_wend": "PPL W end",
     "ls_z": "LS Z",
     "ls_w": "LS W",
+    "fid_shapes": "shapes-FID",
 }
 
 # The released FFHQ generator (configuration F) as measured by the official metrics code.
@@ -94,6 +95,8 @@ class PaperTable:
     row_key: Callable[[dict[str, str], dict[str, str]], str | None]
     rows: dict[str, tuple[str, dict[str, float]]]  # key -> (the paper's row label, values)
     note: str = ""
+    columns: dict[str, str] = field(default_factory=dict)  # metric -> column title, where the paper's differ
+    row_title: str = "paper row"
 
 
 PAPER_TABLES: dict[str, PaperTable] = {
@@ -114,12 +117,16 @@ PAPER_TABLES: dict[str, PaperTable] = {
     "table2": PaperTable(
         "Table 2: FID by mixing regularization probability (FFHQ)", _row_table2,
         {
-            "0": ("E 0%", {"fid50k": 4.42, "fid_mix2": 8.22, "fid_mix3": 12.88, "fid_mix4": 17.41}),
-            "0.5": ("50%", {"fid50k": 4.41, "fid_mix2": 6.10, "fid_mix3": 8.71, "fid_mix4": 11.61}),
-            "0.9": ("F 90%", {"fid50k": 4.40, "fid_mix2": 5.11, "fid_mix3": 6.88, "fid_mix4": 9.03}),
-            "1": ("100%", {"fid50k": 4.83, "fid_mix2": 5.17, "fid_mix3": 6.63, "fid_mix4": 8.40}),
+            "0": ("E 0%", {"fid50k": 4.42, "fid50k_mix2": 8.22, "fid50k_mix3": 12.88, "fid50k_mix4": 17.41}),
+            "0.5": ("50%", {"fid50k": 4.41, "fid50k_mix2": 6.10, "fid50k_mix3": 8.71, "fid50k_mix4": 11.61}),
+            "0.9": ("F 90%", {"fid50k": 4.40, "fid50k_mix2": 5.11, "fid50k_mix3": 6.88, "fid50k_mix4": 9.03}),
+            "1": ("100%", {"fid50k": 4.83, "fid50k_mix2": 5.17, "fid50k_mix3": 6.63, "fid50k_mix4": 8.40}),
         },
-        "The paper's columns 2-4 mix that many latents at test time; FID is ours with 1 latent.",
+        "Rows: mixing regularization probability during training; columns: number of latents mixed at test "
+        "time, at distinct random crossover layers (fid50k, fid50k_mix2, fid50k_mix3, fid50k_mix4).",
+        columns={"fid50k": "1 latent", "fid50k_mix2": "2 latents", "fid50k_mix3": "3 latents",
+                 "fid50k_mix4": "4 latents"},
+        row_title="mixing regularization",
     ),
     "table3": PaperTable(
         "Table 3: perceptual path lengths and separability (FFHQ)", _row_table3,
@@ -213,7 +220,7 @@ class Comparison:
         return pick(scored, key=lambda r: r.metrics[metric])
 
 
-HISTORY_KEYS = ("loss_G", "loss_D", "fid50k")
+HISTORY_KEYS = ("loss_G", "loss_D", "fid50k", "fid_shapes")
 
 
 def _client(uri: str):
@@ -347,11 +354,13 @@ def metric_columns(comp: Comparison) -> list[str]:
 def table_rows(comp: Comparison) -> tuple[list[str], list[list[str]]]:
     cols = metric_columns(comp)
     has_paper = comp.paper_table is not None
-    header = ["trial"] + (["paper row"] if has_paper else [])
+    table = PAPER_TABLES.get(comp.paper_table) if has_paper else None
+    titles = {**METRIC_COLUMNS, **(table.columns if table else {})}
+    header = ["trial"] + ([table.row_title if table else "paper row"] if has_paper else [])
     for m in cols:
-        header.append(METRIC_COLUMNS[m])
+        header.append(titles[m])
         if has_paper:
-            header.append(f"{METRIC_COLUMNS[m]} (paper)")
+            header.append(f"{titles[m]} (paper)")
     header += ["kimg", "train time", "status"]
     body = []
     best = comp.best()
@@ -426,6 +435,8 @@ def render_charts(comp: Comparison, out: Path) -> list[Path]:
         return []
     written = []
     for key, title, fname in (("fid50k", "FID over training", "fid_over_kimg.png"),
+                              ("fid_shapes", "Shapes-FID (shapes classifier features) over training",
+                               "fid_shapes_over_kimg.png"),
                               ("loss_G", "Generator loss over training", "loss_G_over_kimg.png"),
                               ("loss_D", "Discriminator loss over training", "loss_D_over_kimg.png")):
         series = [(r.label, r.history.get(key, [])) for r in comp.rows if r.history.get(key)]

@@ -59,7 +59,9 @@ class GeneratorConfig:
     use_pixel_norm: bool | None = None  # traditional: on (Progressive GAN)
     mixing_prob: float | None = None  # style mixing regularisation (style: 0.9; needs styles)
     w_avg_beta: float = 0.995  # running average of w for truncation
-    truncation_psi: float = 0.7  # for visualisation only, never for metrics
+    # For visualisation only, never for metrics. style: 0.7; traditional: 1 (off), as the official code, whose
+    # traditional configurations set truncation_psi=None: its single w would otherwise be truncated at every layer.
+    truncation_psi: float | None = None
     truncation_cutoff: int = 8  # layers [0, cutoff) are truncated
 
 
@@ -78,6 +80,13 @@ class LossConfig:
     wgan_lambda: float = 10.0
     wgan_epsilon: float = 0.001
     wgan_target: float = 1.0
+    # Official CelebA-HQ WGAN-GP configuration: every learning rate capped at 0.002 (0: no cap).
+    wgan_lr_cap: float = 0.002
+    # Where R1 / the WGAN-GP gradient is measured while growing. "final" (official): with respect to the reals
+    # nearest-upscaled to model.resolution, as the official D sees them, so at training resolution r the effective
+    # gamma is r1_gamma * (r / R)^2 and WGAN-GP's target is met by |grad| = wgan_target * R / r at resolution r.
+    # "training": at the training resolution (the PyTorch ports), gamma and target as given at every resolution.
+    penalty_resolution: str = "final"
 
 
 def _default_batch() -> dict[int, int]:
@@ -114,6 +123,9 @@ class OptimConfig:
     eps: float = 1e-8
     reset_on_lod_change: bool = True  # Adam state reset when a fade starts or ends (official)
     ema_halflife_kimg: float = 10.0  # G_ema half-life
+    # An optimiser step whose gradients are not all finite is skipped (official optimizer); the run stops after
+    # this many consecutive skipped training steps, keeping the last good checkpoint.
+    max_skipped_steps: int = 100
 
 
 @dataclass(frozen=True)
@@ -142,7 +154,11 @@ class MetricsConfig:
     vgg16_weights: str = ""
     lpips_weights: str = ""
     classifier: str = ""
-    ppl_crop: bool = False  # central face crop before LPIPS (FFHQ-like data)
+    ppl_crop: bool = True  # central face crop before LPIPS (StyleGAN v1's PPL always crops; off for non-faces)
+    # FID reals as the official metric: mirrored at random when the run used mirror augmentation (None: follow
+    # train.mirror), and the dataset repeated until there are as many reals as generated images.
+    fid_mirror: bool | None = None
+    fid_repeat_reals: bool = True  # false: the first min(num, dataset size) reals, each once
     ls_min_accuracy: float = 0.8  # ls skips attributes the classifier reads worse than this (balanced accuracy)
 
 
@@ -172,11 +188,11 @@ SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> dat
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "style": dict(
         mapping_layers=8, use_styles=True, const_input=True, use_noise=True,
-        use_instance_norm=True, use_pixel_norm=False, mixing_prob=0.9,
+        use_instance_norm=True, use_pixel_norm=False, mixing_prob=0.9, truncation_psi=0.7,
     ),
     "traditional": dict(
         mapping_layers=0, use_styles=False, const_input=False, use_noise=False,
-        use_instance_norm=False, use_pixel_norm=True, mixing_prob=0.0,
+        use_instance_norm=False, use_pixel_norm=True, mixing_prob=0.0, truncation_psi=1.0,
     ),
 }
 
@@ -375,6 +391,10 @@ def validate(cfg: Config) -> None:
         (d.mbstd_group_size >= 0, "discriminator.mbstd_group_size must be >= 0"),
         (lo.kind in ("logistic_r1", "wgan_gp"), f"loss.kind must be logistic_r1 or wgan_gp, got '{lo.kind}'"),
         (lo.r1_interval >= 1, f"loss.r1_interval must be >= 1, got {lo.r1_interval}"),
+        (lo.penalty_resolution in ("final", "training"),
+         f"loss.penalty_resolution must be final or training, got '{lo.penalty_resolution}'"),
+        (lo.wgan_lr_cap >= 0, f"loss.wgan_lr_cap must be >= 0, got {lo.wgan_lr_cap}"),
+        (cfg.optim.max_skipped_steps >= 1, f"optim.max_skipped_steps must be >= 1, got {cfg.optim.max_skipped_steps}"),
         (_is_pow2(s.start_resolution) and 4 <= s.start_resolution <= m.resolution,
          f"schedule.start_resolution must be a power of two in [4, model.resolution], got {s.start_resolution}"),
         (s.stabilise_kimg >= 0 and s.fade_kimg >= 0 and s.total_kimg > 0,

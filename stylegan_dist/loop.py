@@ -33,7 +33,8 @@ from .schedule import Phase, lod_changed, phase_at
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced NaN/Inf; the message names the kimg. The last good checkpoint is kept."""
+    """optim.max_skipped_steps consecutive steps had non-finite gradients; the message names the kimg. The last
+    good checkpoint is kept."""
 
 
 @dataclass
@@ -92,15 +93,23 @@ def update_ema(G_ema: torch.nn.Module, G: torch.nn.Module, beta: float) -> None:
         b_ema.copy_(b)
 
 
-def allreduce_grads(module: torch.nn.Module, world_size: int) -> None:
+def allreduce_grads(module: torch.nn.Module, world_size: int) -> bool:
+    """Average the gradients over ranks (world_size > 1); return whether they are all finite (one host sync).
+
+    After the all-reduce every rank holds the same gradients, so every rank takes the same skip decision.
+    """
     params = [p for p in module.parameters() if p.grad is not None]
     if not params:
-        return
+        return True
     flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    flat /= world_size
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
+    if world_size > 1:
+        dist.all_reduce(flat)
+        flat /= world_size
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+    if flat.device.type == "meta":  # FLOP counting (bench) runs the step on shapes only
+        return True
+    return bool(flat.isfinite().all())
 
 
 def _reg_gain(step: int, r1_interval: int) -> float | None:
@@ -113,7 +122,11 @@ def _reg_gain(step: int, r1_interval: int) -> float | None:
 def train_step(G: Generator, D: Discriminator, G_ema: Generator, opt_G: torch.optim.Optimizer,
                opt_D: torch.optim.Optimizer, loss: StyleGANLoss, reals: torch.Tensor, ctx: StepContext,
                ema_beta: float, *, reg_gain: float | None = None, world_size: int = 1) -> dict[str, torch.Tensor]:
-    """One D step (main loss + R1), one G step, one EMA update. Gradients are averaged over ranks."""
+    """One D step (main loss + R1), one G step, one EMA update. Gradients are averaged over ranks.
+
+    An optimiser step whose gradients are not all finite is not applied (the official optimizer's check);
+    ``skipped/D`` and ``skipped/G`` in the returned stats are 1 for a skipped step, else 0.
+    """
     ddp = world_size > 1
     G.requires_grad_(False)
     D.requires_grad_(True)
@@ -124,23 +137,26 @@ def train_step(G: Generator, D: Discriminator, G_ema: Generator, opt_G: torch.op
         stats = loss.accumulate_gradients("D", reals, ctx)
         if reg_gain > 0:
             stats.update(loss.accumulate_gradients("Dreg", reals, ctx, gain=reg_gain))
-    if ddp:
-        allreduce_grads(D, world_size)
-    opt_D.step()
+    d_ok = allreduce_grads(D, world_size)
+    if d_ok:
+        opt_D.step()
 
     G.requires_grad_(True)
     D.requires_grad_(False)
     opt_G.zero_grad(set_to_none=True)
     stats.update(loss.accumulate_gradients("G", reals, ctx))
+    g_ok = allreduce_grads(G, world_size)
     if ddp:
-        allreduce_grads(G, world_size)
         # Each rank moved w_avg towards its own batch mean; the average is the move towards the global mean.
         dist.all_reduce(G.w_avg)
         G.w_avg /= world_size
-    opt_G.step()
+    if g_ok:
+        opt_G.step()
     D.requires_grad_(True)
 
     update_ema(G_ema, G, ema_beta)
+    stats["skipped/D"] = torch.tensor(float(not d_ok))
+    stats["skipped/G"] = torch.tensor(float(not g_ok))
     return stats
 
 
@@ -266,7 +282,9 @@ def training_loop(
     tick_start_nimg, tick_start_time = cur_nimg, time.time()
     stat_sums: dict[str, torch.Tensor] = collections.defaultdict(lambda: torch.zeros([], device=device))
     stat_count = 0
-    first_bad = torch.full([], -1, dtype=torch.long, device=device)
+    stat_counts: dict[str, int] = collections.defaultdict(int)
+    skipped_run = 0  # consecutive training steps with a skipped D or G update
+    max_skipped = cfg.optim.max_skipped_steps
     ticks_this_call = 0
     last_ckpt_path: str | None = None
     last_grid: str | None = None
@@ -328,11 +346,20 @@ def training_loop(
             cur_nimg += phase.batch
             step += 1
 
-            finite = torch.stack([v.float() for v in stats.values()]).isfinite().all()
-            first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, cur_nimg), first_bad)
-            for k, v in stats.items():
-                stat_sums[k] += v.float()
-            stat_count += 1
+            skips = {k: int(stats.pop(k).item()) for k in ("skipped/D", "skipped/G")}
+            for k, v in skips.items():
+                stat_counts[k] += v
+            skipped_run = skipped_run + 1 if any(skips.values()) else 0
+            if skipped_run >= max_skipped:
+                kept = ckpt_mod.latest_checkpoint(ckpt_dir)
+                where = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been written yet"
+                raise NonFiniteLossError(
+                    f"Training stopped: {skipped_run} consecutive steps up to kimg {cur_nimg / 1000:.3f} had NaN or "
+                    f"infinite gradients and were skipped (optim.max_skipped_steps); {where}.")
+            if not any(skips.values()):  # a skipped step's losses are not finite: they stay out of the tick means
+                for k, v in stats.items():
+                    stat_sums[k] += v.float()
+                stat_count += 1
             if cur_nimg >= total_nimg:
                 break
 
@@ -340,17 +367,7 @@ def training_loop(
         if not (done or cur_nimg >= tick_start_nimg + phase.tick_kimg * 1000):
             continue
 
-        # ---- tick end: one host sync for all statistics of the tick ----
-        bad = int(first_bad.item())
-        if ddp:
-            t = torch.tensor([bad if bad >= 0 else 2**62], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            bad = int(t.item()) if int(t.item()) < 2**62 else -1
-        if bad >= 0:
-            kept = ckpt_mod.latest_checkpoint(ckpt_dir)
-            where = f"the last good checkpoint is {kept}" if kept else "no checkpoint had been written yet"
-            raise NonFiniteLossError(f"Training stopped: a loss became NaN or infinite at kimg {bad / 1000:.3f}; "
-                                     f"{where}.")
+        # ---- tick end: one host sync for all loss statistics of the tick ----
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         now = time.time()
@@ -371,6 +388,7 @@ def training_loop(
             "sec_per_tick": sec, "sec_per_kimg": sec / max(kimg_tick, 1e-9),
             "img_per_sec": kimg_tick * 1000 / max(sec, 1e-9),
             "peak_mem_gb": _peak_memory_gb(device), **means,
+            "skipped_steps/D": stat_counts["skipped/D"], "skipped_steps/G": stat_counts["skipped/G"],
         }
         say(format_tick(stats_out))
 
@@ -399,6 +417,7 @@ def training_loop(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         stat_sums.clear()
+        stat_counts.clear()
         stat_count = 0
         tick_start_nimg, tick_start_time = cur_nimg, time.time()
         if stopping:

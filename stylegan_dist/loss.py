@@ -57,6 +57,17 @@ class StyleGANLoss:
             return torch.tensor(ctx.alpha, device=self.device)
         return ctx.alpha
 
+    def grad_scale(self, ctx: StepContext) -> float:
+        """|grad| w.r.t. the reals as the penalty measures it, per unit of |grad| at the training resolution.
+
+        The official D takes full-resolution tensors: reals nearest-upscaled by f = R / r, box-downsampled
+        inside D. The gradient w.r.t. the upscaled tensor spreads each pixel's gradient / f^2 over f^2 pixels,
+        so its norm is the training-resolution norm / f ("final"). "training" measures it at r (factor 1).
+        """
+        if self.lc.penalty_resolution == "training":
+            return 1.0
+        return ctx.resolution / self.cfg.model.resolution
+
     def run_G(self, n: int, ctx: StepContext) -> torch.Tensor:
         z = self.sample_z(n)
         with self._amp():
@@ -114,7 +125,7 @@ class StyleGANLoss:
         if do_reg and not wgan:
             # R1: gamma/2 * E[|grad_x D(x)|^2] on reals (Mescheder et al. 2018).
             (grad,) = torch.autograd.grad(real_scores.sum(), reals_in, create_graph=True)
-            penalty = grad.float().square().sum(dim=[1, 2, 3])
+            penalty = grad.float().square().sum(dim=[1, 2, 3]) * self.grad_scale(ctx) ** 2
             reg = penalty.mean() * (self.lc.r1_gamma * 0.5)
             total = total + reg
             stats["loss/R1"] = penalty.detach().mean()
@@ -126,7 +137,7 @@ class StyleGANLoss:
             mixed = torch.lerp(reals.detach(), fakes_gp.to(reals.dtype), t).requires_grad_(True)
             (grad,) = torch.autograd.grad(self.run_D(mixed, ctx, double_backward=True).sum(), mixed,
                                           create_graph=True)
-            norm = grad.float().square().sum(dim=[1, 2, 3]).sqrt()
+            norm = grad.float().square().sum(dim=[1, 2, 3]).sqrt() * self.grad_scale(ctx)
             reg = ((norm - self.lc.wgan_target).square() / self.lc.wgan_target**2).mean() * self.lc.wgan_lambda
             total = total + reg
             stats["loss/GP"] = reg.detach()

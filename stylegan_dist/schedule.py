@@ -42,6 +42,9 @@ def phase_at(cfg: Config, cur_nimg: int, world_size: int = 1) -> Phase:
     resolution = 2 ** (log2i(cfg.model.resolution) - int(math.floor(lod)))
     alpha = 1.0 - (lod - math.floor(lod))
     per_gpu = s.batch_per_gpu.get(resolution, s.batch_base)
+    lr = s.lr_dict.get(resolution, s.lr_base)
+    if cfg.loss.kind == "wgan_gp" and cfg.loss.wgan_lr_cap > 0:
+        lr = min(lr, cfg.loss.wgan_lr_cap)  # official CelebA-HQ WGAN-GP configuration
     return Phase(
         kimg=kimg,
         lod=lod,
@@ -49,7 +52,7 @@ def phase_at(cfg: Config, cur_nimg: int, world_size: int = 1) -> Phase:
         alpha=alpha,
         batch_per_gpu=per_gpu,
         batch=per_gpu * world_size,
-        lr=s.lr_dict.get(resolution, s.lr_base),
+        lr=lr,
         tick_kimg=s.tick_kimg_dict.get(resolution, s.tick_kimg_base),
     )
 

@@ -144,7 +144,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, names: list[str], *, num: int | None = None, batch: int = 32,
-                        seed: int = 0, weights: dict[str, str] | None = None, ppl_crop: bool = False,
+                        seed: int = 0, weights: dict[str, str] | None = None, ppl_crop: bool = True,
                         cache_dir: str | None = None, device: str = "auto", threads: int | None = None
                         ) -> dict[str, float]:
     """The paper's metrics for a checkpoint's G_ema at its current resolution -> {'fid50k': ..., 'ls_z': ...}.
@@ -161,13 +161,13 @@ def evaluate_checkpoint(checkpoint: str, data: str, names: list[str], *, num: in
     if threads:
         torch.set_num_threads(int(threads))
     dev = resolve_device(device)
-    G, _cfg, info = load_generator(checkpoint, dev)
+    G, run_cfg, info = load_generator(checkpoint, dev)
     w = weights or {}
     settings = MetricsSettings(num=num or 0, batch_size=batch, seed=seed, inception_weights=w.get("inception", ""),
                                vgg16_weights=w.get("vgg16", ""), lpips_weights=w.get("lpips", ""),
                                classifier=w.get("classifier", ""), ppl_crop=ppl_crop, cache_dir=cache_dir or "")
     opts = options_from_settings(settings, G, resolution=info["resolution"], alpha=info["alpha"], data=data,
-                                 device=dev)
+                                 device=dev, mirror=run_cfg.train.mirror)
     out: dict[str, float] = {}
     for name in names:
         out.update(calc_metric(name, opts)["results"])
@@ -241,8 +241,10 @@ def _trial_run_id(ctx: dict, spec: SweepSpec, point: TrialPoint, cfg, tdir: str,
             logger.set_tag("sweep.status", "running")
             return run_id
     preset, _ = spec.trial_overrides(point)
-    params = {**flat_params(cfg), "data": ctx["data"], "workers": str(ctx["workers"]), "gpu": str(ctx["use_gpu"]),
-              "sweep.trial": spec.label(point)}
+    from .metrics.training import protocol_params
+
+    params = {**flat_params(cfg), **protocol_params(cfg), "data": ctx["data"], "workers": str(ctx["workers"]),
+              "gpu": str(ctx["use_gpu"]), "sweep.trial": spec.label(point)}
     tags = {"mlflow.parentRunId": ctx["parent_run_id"], "sweep.role": "trial", "sweep.name": spec.name,
             "sweep.variant": point.variant or "", "sweep.preset": preset or "",
             "sweep.paper_row": spec.paper_row(point) or "", "sweep.values": json.dumps(point.values, default=str),

@@ -60,7 +60,8 @@ OBJECTIVE_KEYS = ("metric", "mode")
 SCHEDULER_KEYS = ("type", "metric", "mode", "time_attr", "grace_period", "reduction_factor", "max_t")
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 SAMPLED = ("choice", "uniform", "loguniform", "randint")
-METRIC_NAMES = ("fid50k", "ppl_zfull", "ppl_wfull", "ppl_zend", "ppl_wend", "ls")
+METRIC_NAMES = ("fid50k", "fid50k_mix2", "fid50k_mix3", "fid50k_mix4", "ppl_zfull", "ppl_wfull", "ppl_zend",
+                "ppl_wend", "ls", "fid_shapes")
 # Which values each evaluation metric reports (ls reports both spaces).
 METRIC_OUTPUTS = {"ls": ("ls_z", "ls_w")}
 SCHEDULERS = ("asha",)
@@ -115,7 +116,7 @@ class Evaluate:
     batch: int = 32
     seed: int = 0
     weights: dict[str, str] = field(default_factory=dict)
-    ppl_crop: bool = False  # the paper's central face crop before LPIPS (FFHQ)
+    ppl_crop: bool = True  # StyleGAN v1's central face crop before LPIPS (false for data that are not faces)
     cache_dir: str | None = None  # FID real-statistics cache (None: $STYLEGAN_CACHE_DIR or ~/.cache/stylegan_dist)
 
     def outputs(self) -> list[str]:
@@ -606,7 +607,7 @@ def load_sweep(path: str | Path, set_args: list[str] | None = None) -> SweepSpec
     _check_keys(weights, WEIGHT_KEYS, where, ("evaluate", "weights"), "weights")
     for k, v in weights.items():
         _str(v, where, ("evaluate", "weights", k), k)
-    ppl_crop = ev.get("ppl_crop", False)
+    ppl_crop = ev.get("ppl_crop", True)
     if not isinstance(ppl_crop, bool):
         raise SweepError(f"{where('evaluate', 'ppl_crop')}: 'ppl_crop' expects true or false, got {_show(ppl_crop)}.")
     evaluate = Evaluate(

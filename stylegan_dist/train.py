@@ -185,8 +185,10 @@ def _mlflow_run(args, cfg: Config, root: str, run_dir: str, uri: str, previous_i
         return previous_id
     if previous_id:
         print(f"note: MLflow run {previous_id} is not in {uri}; starting a new MLflow run for this run.")
-    params = {**flat_params(cfg), "data": storage.resolve(args.data), "workers": str(workers),
-              "storage": root}
+    from .metrics.training import protocol_params  # how the metrics are measured: crop, mirror, reals, precision
+
+    params = {**flat_params(cfg), **protocol_params(cfg), "data": storage.resolve(args.data),
+              "workers": str(workers), "storage": root}
     run_id = create_run(uri, args.experiment, storage.name(run_dir), params, tags={"run_dir": run_dir},
                         storage_loc=root)
     return run_id

@@ -103,3 +103,21 @@ def test_errors(store, tmp_path, capsys):
     assert "No MLflow store at" in capsys.readouterr().err
     assert compare.main(["--experiment", "t4", "--tracking-uri", store, "--parent", "0" * 32]) == 2
     assert "is not in experiment 't4'" in capsys.readouterr().err
+
+
+def test_table2_layout_rows_mixing_columns_latents(store, tmp_path, capsys):
+    parent = create_run(store, "t2", "t2", {}, tags={"sweep.role": "parent", "sweep.paper_table": "table2"})
+    for i, p in enumerate(("0.9", "0.0")):
+        run = create_run(store, "t2", f"mixing-{p}", {"generator.mixing_prob": p},
+                         tags={"mlflow.parentRunId": parent, "sweep.role": "trial", "sweep.index": str(i)})
+        RunLogger(store, run).log_metrics({"fid50k": 10.0 + i, "fid50k_mix2": 11.0 + i, "fid50k_mix3": 12.0 + i,
+                                           "fid50k_mix4": 13.0 + i, "kimg": 1.0}, step=1000)
+    assert compare.main(["--experiment", "t2", "--tracking-uri", store, "--out", str(tmp_path / "r")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| trial")).split("|")[1:-1]]
+    assert header[:10] == ["trial", "mixing regularization", "1 latent", "1 latent (paper)", "2 latents",
+                           "2 latents (paper)", "3 latents", "3 latents (paper)", "4 latents", "4 latents (paper)"]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines
+            if line.startswith("| mixing")]
+    assert [r[1] for r in rows] == ["E 0%", "F 90%"]  # the paper's row order
+    assert rows[0][2:10] == ["11.00", "4.42", "12.00", "8.22", "13.00", "12.88", "14.00", "17.41"]

@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,8 @@ def test_save_load_continue_is_bit_identical(tmp_path):
     assert a["state"]["tick"] == b["state"]["tick"]
 
 
-def test_nan_loss_stops_with_kimg_and_keeps_checkpoint(tmp_path, monkeypatch):
-    cfg = _cfg("train.checkpoint_kimg=0.05")
+def _plant_nan_g_grad(monkeypatch, bad_steps):
+    """G's gradients become NaN at the 1-based G steps in ``bad_steps`` (a set, or a predicate)."""
     orig = StyleGANLoss.accumulate_gradients
     calls = {"n": 0}
 
@@ -66,15 +67,40 @@ def test_nan_loss_stops_with_kimg_and_keeps_checkpoint(tmp_path, monkeypatch):
         stats = orig(self, phase, reals, ctx, gain)
         if phase == "G":
             calls["n"] += 1
-            if calls["n"] > 20:
+            if (bad_steps(calls["n"]) if callable(bad_steps) else calls["n"] in bad_steps):
+                next(p for p in self.G.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
                 stats["loss/G"] = torch.tensor(float("nan"))
         return stats
 
     monkeypatch.setattr(StyleGANLoss, "accumulate_gradients", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"at kimg 0\.168; the last good checkpoint is .*ckpt-0000000128"):
+
+
+def test_non_finite_gradient_step_is_skipped_and_counted(tmp_path, monkeypatch):
+    _plant_nan_g_grad(monkeypatch, {7, 30, 31})
+    cfg = _cfg("optim.reset_on_lod_change=false", "optim.max_skipped_steps=3")
+    res = training_loop(cfg, TensorSource(random_images()), tmp_path, log=None)
+    assert res.finished and res.cur_nimg == 400  # 50 steps of 8 images
+    assert sum(h["skipped_steps/G"] for h in res.history) == 3
+    assert sum(h["skipped_steps/D"] for h in res.history) == 0
+    assert [h["tick"] for h in res.history if h["skipped_steps/G"]] == [2, 8]  # steps 5-8 and 29-32 of 4 per tick
+    assert all(math.isfinite(h["loss/G"]) for h in res.history)  # skipped steps stay out of the tick means
+    ck = _state(res.checkpoint)
+    # the skipped updates were not applied: Adam took 47 G steps and 50 D steps
+    assert max(int(s["step"]) for s in ck["opt_G"]["state"].values()) == 47
+    assert max(int(s["step"]) for s in ck["opt_D"]["state"].values()) == 50
+    assert all(torch.isfinite(t).all() for t in ck["G"].values())
+
+
+def test_consecutive_non_finite_steps_stop_the_run_and_keep_checkpoint(tmp_path, monkeypatch):
+    _plant_nan_g_grad(monkeypatch, lambda n: n > 20)
+    cfg = _cfg("train.checkpoint_kimg=0.05", "optim.max_skipped_steps=3")
+    with pytest.raises(NonFiniteLossError, match=r"^Training stopped: 3 consecutive steps up to kimg 0\.184 had NaN "
+                       r"or infinite gradients and were skipped \(optim\.max_skipped_steps\); the last good "
+                       r"checkpoint is .*ckpt-0000000128"):
         training_loop(cfg, TensorSource(random_images()), tmp_path, log=None)
     kept = ckpt_mod.list_checkpoints(tmp_path / "checkpoints")
-    assert kept and ckpt_mod.load_checkpoint(kept[-1])["state"]["cur_nimg"] <= 160
+    assert kept and ckpt_mod.load_checkpoint(kept[-1])["state"]["cur_nimg"] == 128
+    assert all(torch.isfinite(t).all() for t in ckpt_mod.load_checkpoint(kept[-1])["G"].values())
 
 
 def test_optimizer_state_resets_at_fade_start(tmp_path):

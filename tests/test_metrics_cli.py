@@ -60,13 +60,17 @@ def test_evaluate_logs_every_metric_to_the_mlflow_run(setup, tmp_path):
                 "--metrics", "fid50k,ppl_zfull,ppl_wfull,ppl_zend,ppl_wend,ls", "--num", "8", "--batch", "8",
                 "--device", "cpu", "--inception", str(w["inception"]), "--vgg16", str(w["vgg16"]),
                 "--lpips", str(w["lpips"]), "--classifier", str(clf_path), "--ls-min-accuracy", "0",
-                "--cache-dir", str(tmp_path / "cache"), "--mlflow-run", run_id, "--out", str(out),
+                "--cache-dir", str(tmp_path / "cache"), "--mlflow-run", run_id, "--out", str(out), "--no-ray",
                 env={"MLFLOW_TRACKING_URI": uri})
     assert r.returncode == 0, r.stderr
     assert "Summary" in r.stdout and "Logged" in r.stdout
     keys = ["fid50k", "ppl_zfull", "ppl_wfull", "ppl_zend", "ppl_wend", "ls_z", "ls_w"]
     logged = MlflowClient(uri).get_run(run_id).data.metrics
     assert set(keys) <= set(logged) and "time_fid50k" in logged
+    params = MlflowClient(uri).get_run(run_id).data.params  # the protocol each metric used
+    assert params["protocol.fid50k.mirror"] == "True"  # the checkpoint's run mirrored (train.mirror default)
+    assert params["protocol.fid50k.reals"].startswith("8 ") and params["protocol.ppl_wend.crop"] == "True"
+    assert params["protocol.ls.precision"] == "fp32 (TF32 off)"
     hist = MlflowClient(uri).get_metric_history(run_id, "ppl_wend")
     assert [m.step for m in hist] == [CUR_NIMG]
     res = json.loads(out.read_text())
@@ -103,9 +107,39 @@ def test_evaluate_errors_are_one_sentence_and_fail_fast(setup, tmp_path):
     assert r.returncode == 2 and "MLflow run 0123abc was not found" in r.stderr
 
     r = run_cli("stylegan_dist.evaluate", "--list")
-    assert r.returncode == 0 and r.stdout.split() == ["fid50k", "ls", "ppl_wend", "ppl_wfull", "ppl_zend", "ppl_zfull"]
+    assert r.returncode == 0 and r.stdout.split() == ["fid50k", "fid50k_mix2", "fid50k_mix3", "fid50k_mix4",
+                                                      "fid_shapes", "ls", "ppl_wend", "ppl_wfull", "ppl_zend",
+                                                      "ppl_zfull"]
     r = run_cli("stylegan_dist.evaluate", "--help")
     assert r.returncode == 0 and "--mlflow-run" in r.stdout and "--num" in r.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_evaluate_on_two_ray_cpu_workers_equals_one_process(setup, cluster, tmp_path):
+    w = setup["weights"]
+    base = ["--checkpoint", str(setup["ckpt"]), "--data", setup["data"], "--metrics", "fid50k,ppl_wend",
+            "--num", "12", "--batch", "4", "--inception", str(w["inception"]), "--vgg16", str(w["vgg16"]),
+            "--lpips", str(w["lpips"]), "--no-mlflow", "--seed", "3"]
+    # one torch thread like each worker (--cpus-per-worker 1): PPL's distance / eps^2 magnifies the last bits that
+    # a different thread count's reduction order changes
+    one = run_cli("stylegan_dist.evaluate", *base, "--no-ray", "--device", "cpu", "--out", str(tmp_path / "1.json"),
+                  "--cache-dir", str(tmp_path / "c1"), env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    two = run_cli("stylegan_dist.evaluate", *base, "--workers", "2", "--cpu", "--out", str(tmp_path / "2.json"),
+                  "--cache-dir", str(tmp_path / "c2"), env={**cluster["env"], "RAY_ADDRESS": cluster["address"]})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 Ray CPU worker(s)" in two.stdout
+
+    def values(path):
+        return {k: v for m in json.loads(path.read_text())["results"] for k, v in m["results"].items()}
+
+    v1, v2 = values(tmp_path / "1.json"), values(tmp_path / "2.json")
+    assert set(v1) == {"fid50k", "ppl_wend"} and v1["fid50k"] > 0 and v1["ppl_wend"] > 0
+    assert v2 == pytest.approx(v1, rel=1e-9)  # chunks of 4: rank 0 computed chunks 0 and 2, rank 1 chunk 1
+    bad = run_cli("stylegan_dist.evaluate", *base, "--workers", "9", "--cpu",
+                  env={**cluster["env"], "RAY_ADDRESS": cluster["address"]})
+    assert bad.returncode == 2 and "do not fit the Ray cluster's 4 CPUs" in bad.stderr
 
 
 def test_training_hook_runs_configured_metrics(setup):

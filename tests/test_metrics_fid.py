@@ -230,3 +230,128 @@ def test_missing_weight_file_is_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setenv("STYLEGAN_WEIGHTS_DIR", str(tmp_path))
     (tmp_path / "pt_inception-2015-12-05-6726825d.pth").write_bytes(b"x")
     assert resolve_weight("inception") == tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+
+
+class RecordingExtractor(TinyExtractor):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, images):
+        self.seen.append(images.cpu())
+        return super().forward(images)
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+def test_fid_reals_repeat_the_dataset_and_are_mirrored_when_the_run_mirrored(synthetic32, tmp_path, mirror):
+    from data_pipeline.stream import iter_images
+    from stylegan_dist.metrics.fid import mirror_mask, real_stats
+
+    data = torch.cat(list(iter_images(synthetic32, 32, 64)))  # 256 images in dataset order
+    num = 300
+    ext = RecordingExtractor()
+    G = build_generator(tiny_config(resolution=32)).eval()
+    _, _, count = real_stats(_opts(G, synthetic32, tmp_path, ext, fid_mirror=mirror), ext, num)
+    seen = torch.cat(ext.seen)
+    assert count == num and len(seen) == num  # the dataset repeated up to the requested count
+    expect = data[torch.arange(num) % len(data)]
+    mask = torch.from_numpy(mirror_mask(num)) if mirror else torch.zeros(num, dtype=torch.bool)
+    expect = torch.where(mask[:, None, None, None], expect.flip(-1), expect)
+    assert torch.equal(seen, expect)
+    if mirror:
+        assert 0.4 < mask.float().mean() < 0.6 and not torch.equal(seen, data[torch.arange(num) % len(data)])
+    # two workers read the same reals
+    two = run_ranks(2, lambda rank, gather: real_stats(
+        _opts(G, synthetic32, tmp_path / f"r{rank}", TinyExtractor(), fid_mirror=mirror, rank=rank, world_size=2,
+              gather=gather), TinyExtractor(), num))
+    one = real_stats(_opts(G, synthetic32, tmp_path / "one", TinyExtractor(), fid_mirror=mirror), TinyExtractor(), num)
+    np.testing.assert_allclose(two[0][0], one[0], rtol=1e-9)
+    # the old protocol: at most the dataset, each image once
+    _, _, count_once = real_stats(_opts(G, synthetic32, tmp_path / "once", TinyExtractor(), fid_repeat_reals=False),
+                                  TinyExtractor(), num)
+    assert count_once == len(data)
+
+
+def test_fid_protocol_follows_the_runs_mirror_setting():
+    from stylegan_dist.metrics.training import protocol_params
+
+    cfg = tiny_config("metrics.names=fid50k,ppl_wend", "metrics.num=1000")
+    params = protocol_params(cfg)
+    assert params["protocol.fid50k.mirror"] == "True" and params["protocol.fid50k.reals"].startswith("1000 ")
+    assert params["protocol.ppl_wend.crop"] == "True" and params["protocol.fid50k.precision"].startswith("fp32")
+    assert protocol_params(tiny_config("metrics.names=fid50k", "train.mirror=false"))["protocol.fid50k.mirror"] == \
+        "False"
+    assert protocol_params(tiny_config("metrics.names=fid50k", "metrics.fid_mirror=false"))[
+        "protocol.fid50k.mirror"] == "False"
+
+
+def test_tf32_is_off_while_a_metric_runs(synthetic32, tmp_path):
+    class FlagExtractor(TinyExtractor):
+        flags = []
+
+        def forward(self, images):
+            self.flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return super().forward(images)
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as training with tf32 sets
+    try:
+        G = build_generator(tiny_config(resolution=32)).eval()
+        ext = FlagExtractor()
+        calc_metric("fid50k", _opts(G, synthetic32, tmp_path, ext, num=16))
+        assert ext.flags and set(ext.flags) == {(False, False)}
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored afterwards
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+class IndexMapping(torch.nn.Module):
+    """A stand-in G whose w for latent z is z itself, so the latent each layer took can be read back."""
+
+    def __init__(self, num_ws=8, layers=6):
+        super().__init__()
+        self.num_ws, self.layers, self.latent_dim = num_ws, layers, 1
+
+    def map(self, z, *a, **kw):
+        return z[:, None, :].repeat(1, self.num_ws, 1)
+
+    def active_layers(self, resolution):
+        return self.layers
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_mixed_ws_take_k_latents_in_blocks_split_at_distinct_active_layers(k):
+    from stylegan_dist.metrics.fid import mixed_ws
+
+    n = 200
+    G = IndexMapping()
+    z = torch.arange(k, dtype=torch.float32).repeat(n)[:, None]  # image i's latent j has the value j
+    ws = mixed_ws(G, z, k, 32, torch.Generator().manual_seed(0), torch.device("cpu"))[..., 0]  # [n, num_ws]
+    assert ws.shape == (n, G.num_ws)
+    steps = ws[:, 1:] - ws[:, :-1]
+    assert ((steps == 0) | (steps == 1)).all()  # latents in order, each one contiguous block
+    assert (ws[:, 0] == 0).all() and (ws[:, G.layers - 1] == k - 1).all()  # all k used within the active layers
+    assert (ws[:, G.layers:] == k - 1).all()  # layers above the current resolution keep the last latent
+    first_cross = (steps[:, :G.layers - 1] == 1).float().argmax(dim=1) + 1
+    assert set(first_cross.tolist()) == set(range(1, G.layers - k + 2))  # every possible position is drawn
+    with pytest.raises(MetricError, match="needs 4 synthesis layers at 32x32, which has 3"):
+        mixed_ws(IndexMapping(layers=3), torch.zeros(8, 1), 4, 32, torch.Generator(), torch.device("cpu"))
+
+
+def test_fid_with_mixed_latents_on_a_tiny_generator(synthetic32, tmp_path):
+    torch.manual_seed(0)
+    G = build_generator(tiny_config(resolution=32)).eval()
+    ext = TinyExtractor()
+    values = {}
+    for name in ("fid50k", "fid50k_mix2", "fid50k_mix3", "fid50k_mix4"):
+        r = calc_metric(name, _opts(G, synthetic32, tmp_path, ext, num=48))
+        values[name] = r["results"][name]
+        assert r["protocol"][f"protocol.{name}.reals"].startswith("48 ")
+    assert all(np.isfinite(v) and v > 0 for v in values.values())
+    assert len(set(values.values())) == 4  # mixing changes the images
+
+    def rank_fn(rank, gather):
+        o = _opts(G, synthetic32, tmp_path / f"w{rank}", ext, num=48, rank=rank, world_size=2, gather=gather)
+        return calc_metric("fid50k_mix3", o)["results"]["fid50k_mix3"]
+
+    assert run_ranks(2, rank_fn) == [pytest.approx(values["fid50k_mix3"], rel=1e-9)] * 2

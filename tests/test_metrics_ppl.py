@@ -150,3 +150,22 @@ def test_pair_distances_scale_with_one_over_epsilon_squared(lpips):
     d1 = pair_distances(o, lpips, 16, "w", "full", seed=7)
     d2 = pair_distances(o.replace(ppl_epsilon=5e-5), lpips, 16, "w", "full", seed=7)
     assert torch.allclose(d1, d2, rtol=0.1)
+
+
+def test_face_crop_below_8_pixels_covers_the_same_fraction():
+    x = torch.arange(16, dtype=torch.float32).view(1, 1, 4, 4)
+    c = face_crop(x)  # rows 1.5..3.5, columns 1..3 of the 4x4 image, at half-pixel steps
+    assert c.shape == (1, 1, 4, 4)
+    assert c[0, 0, :, 0].tolist() == [x[0, 0, 1, 1], x[0, 0, 2, 1], x[0, 0, 2, 1], x[0, 0, 3, 1]]
+    assert c[0, 0, 0, :].tolist() == [x[0, 0, 1, 1], x[0, 0, 1, 1], x[0, 0, 1, 2], x[0, 0, 1, 2]]
+
+
+@pytest.mark.slow
+def test_ppl_with_the_crop_at_every_resolution_from_4_to_1024(lpips):
+    torch.manual_seed(0)
+    G = build_generator(tiny_config("model.fmap_base=1024", "model.fmap_max=8", resolution=1024)).eval()
+    assert MetricOptions(G=G).ppl_crop  # StyleGAN v1's PPL crops by default
+    for r in [4, 8, 16, 32, 64, 128, 256, 512, 1024]:
+        o = MetricOptions(G=G, resolution=r, batch_size=2, num=2, lpips=lpips)
+        value = calc_metric("ppl_wend", o)["results"]["ppl_wend"]
+        assert np.isfinite(value) and value >= 0, r

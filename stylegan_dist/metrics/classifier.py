@@ -80,6 +80,10 @@ class AttributeCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer [N, 128] (after the first dense layer's ReLU): the feature space of fid_shapes."""
+        return self.head[:-1](self.features(x))
+
 
 class AttributeClassifier:
     """A classifier with its attribute names: images in [-1, 1] at any size -> P(attribute) [N, A]."""
@@ -115,6 +119,27 @@ class AttributeClassifier:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         device = next(iter(self.net.parameters()), torch.empty(0)).device
         return torch.sigmoid(self.net(self.prepare(images).to(device)).float())
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> penultimate features [N, D] (classifiers built by this module only)."""
+        if not isinstance(self.net, AttributeCNN):
+            raise MetricError("fid_shapes needs an attribute classifier trained by python -m "
+                              "stylegan_dist.metrics.classifier (an exported module has no feature layer to use).")
+        device = next(iter(self.net.parameters())).device
+        return self.net.embed(self.prepare(images).to(device)).float()
+
+
+class ClassifierFeatures:
+    """uint8 images [N, C, H, W] -> the classifier's penultimate features, as FID's extractor interface wants."""
+
+    def __init__(self, clf: AttributeClassifier):
+        self.clf = clf
+        self.feature_dim = int(clf.net.head[-1].in_features) if isinstance(clf.net, AttributeCNN) else 0
+        self.ident = f"{clf.ident or 'classifier'}:penultimate"
+
+    def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        return self.clf.embed(images_u8.float() / 127.5 - 1.0)
 
 
 # --------------------------------------------------------------------------------------------------

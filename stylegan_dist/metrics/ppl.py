@@ -3,19 +3,20 @@
 For each sample: two latents z1, z2 ~ N(0, I); t ~ U[0, 1] ('full') or t drawn from {0, 1} ('end', the
 paper's definition; the official code uses t = 0, which has the same distribution because z1 and z2 are
 exchangeable). Z: slerp(z1, z2; t) and slerp(z1, z2; t + eps) are mapped to W. W: lerp(w1, w2; t) and
-lerp(w1, w2; t + eps). Both images of a pair get the same noise inputs. Optionally the central face region
+lerp(w1, w2; t + eps). Both images of a pair get the same noise inputs. The central face region
 (rows 3c..7c, columns 2c..6c, c = H/8) is cropped; images larger than 256 are box-downsampled to 256; the
 distance is LPIPS / eps^2 (images below 32 px, early in progressive growing, are enlarged by nearest
 neighbour first so that all five VGG stages see at least 2x2 pixels). Values outside the [1st, 99th]
 percentile (numpy 'lower' / 'higher') are dropped and the mean of the rest is reported. eps = 1e-4, 100,000
 samples by default.
 
-TF32 is switched off while PPL runs: its ~1e-3 relative error would swamp image differences of order eps.
+The crop is on by default (StyleGAN v1's PPL always crops; ``metrics.ppl_crop=false`` for data that are not
+centred faces). TF32 is switched off while PPL runs: its ~1e-3 relative error would swamp image differences
+of order eps.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Any
 
@@ -31,6 +32,7 @@ from .registry import (
     cpu_generator,
     device_generator,
     my_chunks,
+    no_tf32,
     random_noise,
     register_metric,
     seed_for,
@@ -63,18 +65,12 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def face_crop(images: torch.Tensor) -> torch.Tensor:
+    """Rows 3c..7c, columns 2c..6c with c = H / 8 (the official PPL's face region). Below 8 px, c is not a whole
+    pixel: the images are nearest-upscaled to 8 px first, so the crop covers the same fraction of the image."""
+    if images.shape[2] < 8:
+        images = F.interpolate(images, scale_factor=8 // images.shape[2], mode="nearest")
     c = images.shape[2] // 8
     return images[:, :, c * 3:c * 7, c * 2:c * 6]
-
-
-@contextlib.contextmanager
-def no_tf32():
-    m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
 
 
 @torch.no_grad()

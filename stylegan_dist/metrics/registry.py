@@ -13,6 +13,7 @@ does not depend on the number of workers (for the same batch size and device typ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -55,6 +56,19 @@ def get_metric(name: str) -> MetricFn:
     if name not in _METRICS:
         raise MetricError(f"Unknown metric '{name}'; choose from {', '.join(list_metrics())}.")
     return _METRICS[name]
+
+
+def extractors_needed(names: list[str]) -> set[str]:
+    """Which pretrained networks the metrics ``names`` load: inception, lpips, classifier."""
+    need = set()
+    for n in names:
+        if n == "ls" or n == "fid_shapes":
+            need.add("classifier")
+        elif n.startswith("fid"):
+            need.add("inception")
+        elif n.startswith("ppl"):
+            need.add("lpips")
+    return need
 
 
 def parse_metric_list(text: str) -> list[str]:
@@ -100,7 +114,9 @@ class MetricOptions:
     inception: Any = None  # callable uint8 [N, C, H, W] -> features [N, D], with .ident (a string) for caching
     lpips: Any = None  # callable (a, b) images in [-1, 1] -> distances [N]
     classifier: Any = None  # AttributeClassifier-like: images in [-1, 1] -> P(attribute) [N, A], .attributes
-    ppl_crop: bool = False  # crop the central face region before LPIPS (FFHQ-like data)
+    ppl_crop: bool = True  # crop the central face region before LPIPS (StyleGAN v1 always does)
+    fid_mirror: bool = False  # FID reals mirrored at random (the official metric does when the run mirrored)
+    fid_repeat_reals: bool = True  # the dataset repeated until there are as many reals as fakes (official)
     ppl_epsilon: float = 1e-4
     ls_min_accuracy: float = 0.8  # skip attributes whose classifier's held-out balanced accuracy is lower
     progress: Callable[[str], None] | None = None
@@ -207,8 +223,32 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
+@contextlib.contextmanager
+def no_tf32():
+    """Full fp32 matmuls and convolutions: TF32's ~1e-3 relative error would swamp PPL's image differences of
+    order eps and shifts Inception / classifier features (stylegan2-ada-pytorch's metrics also turn it off)."""
+    m, c = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = m, c
+
+
+def protocol(name: str, opts: MetricOptions) -> dict[str, str]:
+    """How metric ``name`` was measured, for the run's MLflow params: {'protocol.<name>.<field>': value}."""
+    fields: dict[str, Any] = {"precision": "fp32 (TF32 off)"}
+    if name.startswith("fid"):
+        how = "the dataset repeated" if opts.fid_repeat_reals else "at most the dataset"
+        fields.update(mirror=opts.fid_mirror, reals=f"{int(opts.num or 50_000)} ({how})")
+    if name.startswith("ppl"):
+        fields.update(crop=opts.ppl_crop, epsilon=opts.ppl_epsilon)
+    return {f"protocol.{name}.{k}": str(v) for k, v in fields.items()}
+
+
 def calc_metric(name: str, opts: MetricOptions) -> dict[str, Any]:
-    """Run one metric; returns {'name', 'results': {key: value}, 'seconds', 'num'}."""
+    """Run one metric; returns {'name', 'results': {key: value}, 'seconds', 'num', 'protocol'}. TF32 is off
+    while it runs."""
     fn = get_metric(name)
     t0 = time.time()
     if opts.device.type == "cuda":
@@ -216,10 +256,11 @@ def calc_metric(name: str, opts: MetricOptions) -> dict[str, Any]:
     was_training = opts.G.training
     opts.G.eval()
     try:
-        results = fn(opts)
+        with no_tf32():
+            results = fn(opts)
     finally:
         opts.G.train(was_training)
     if opts.device.type == "cuda":
         torch.cuda.synchronize(opts.device)
     return {"name": name, "results": {k: float(v) for k, v in results.items()}, "seconds": time.time() - t0,
-            "num": opts.num}
+            "num": opts.num, "protocol": protocol(name, opts)}

@@ -46,3 +46,19 @@ def log_artifacts(run_id: str, paths: list[str | Path], artifact_path: str = "fi
     logger = _logger(run_id, uri)
     for p in paths:
         logger.log_artifact(p, artifact_path)
+
+
+def log_protocol(run_id: str, protocol: dict[str, str], uri: str | None = None) -> None:
+    """Record how the metrics were measured (``protocol.<metric>.<field>``) in the run's params. MLflow params
+    cannot change, so a key the run already holds with another value (a later evaluation with other settings)
+    goes to a tag of the same name, which shows the latest."""
+    from ..tracking import log_params
+
+    logger = _logger(run_id, uri)
+    have = logger.client.get_run(run_id).data.params
+    new = {k: v for k, v in protocol.items() if k not in have}
+    if new:
+        log_params(resolve_tracking_uri(uri), run_id, new)
+    for k, v in protocol.items():
+        if k in have and have[k] != v:
+            logger.set_tag(k, v)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config import MetricsConfig
-from .registry import MetricOptions, calc_metric, parse_metric_list, single_process_gather
+from .registry import MetricOptions, calc_metric, extractors_needed, parse_metric_list, single_process_gather
 
 # The config's ``metrics`` section is the one definition of these settings.
 MetricsSettings = MetricsConfig
@@ -62,7 +62,9 @@ def _cached(kind: str, paths: tuple, device: torch.device, build: Callable[[], A
 def options_from_settings(s: MetricsSettings, G: torch.nn.Module, *, resolution: int, alpha: float,
                           data: str | None, device: torch.device, rank: int = 0, world_size: int = 1,
                           gather: Callable[[Any], list[Any]] | None = None,
-                          progress: Callable[[str], None] | None = None) -> MetricOptions:
+                          progress: Callable[[str], None] | None = None, mirror: bool = False) -> MetricOptions:
+    """``mirror``: whether the run used mirror augmentation (FID mirrors its reals then, unless
+    ``s.fid_mirror`` says otherwise)."""
     return MetricOptions(
         G=G, resolution=resolution, alpha=alpha, data=s.data or data, num=s.num or None,
         batch_size=s.batch_size, device=device, seed=s.seed, rank=rank, world_size=world_size,
@@ -70,7 +72,33 @@ def options_from_settings(s: MetricsSettings, G: torch.nn.Module, *, resolution:
         weights={"inception": s.inception_weights or None, "vgg16": s.vgg16_weights or None,
                  "lpips": s.lpips_weights or None, "classifier": s.classifier or None},
         ppl_crop=s.ppl_crop, ls_min_accuracy=s.ls_min_accuracy, progress=progress,
+        fid_mirror=mirror if s.fid_mirror is None else s.fid_mirror, fid_repeat_reals=s.fid_repeat_reals,
     )
+
+
+def run_mirrored(cfg: Any) -> bool:
+    train = getattr(cfg, "train", None)
+    return bool(getattr(train, "mirror", False))
+
+
+def protocol_params(cfg: Any, world_size: int = 1) -> dict[str, str]:
+    """The protocol of each metric the config evaluates during training, as MLflow params (see
+    registry.protocol): crop, mirror, number of reals, precision."""
+    from .registry import protocol
+
+    s = settings_from_config(cfg)
+    out: dict[str, str] = {}
+    for name in parse_metric_list(s.names):
+        probe = options_from_settings(s, _NoG(), resolution=4, alpha=1.0, data=None, device=torch.device("cpu"),
+                                      mirror=run_mirrored(cfg))
+        out.update(protocol(name, probe))
+    return out
+
+
+class _NoG(torch.nn.Module):
+    """Stands in for G where only the options' settings are read."""
+
+    max_resolution = 4
 
 
 def run_training_metrics(cfg: Any, G_ema: torch.nn.Module, data: str | None, cur_nimg: int, *, rank: int = 0,
@@ -91,13 +119,15 @@ def run_training_metrics(cfg: Any, G_ema: torch.nn.Module, data: str | None, cur
     phase = phase_at(cfg, cur_nimg)
     device = torch.device(device)
     opts = options_from_settings(s, G_ema, resolution=phase.resolution, alpha=phase.alpha, data=data,
-                                 device=device, rank=rank, world_size=world_size, gather=gather, progress=log)
+                                 device=device, rank=rank, world_size=world_size, gather=gather, progress=log,
+                                 mirror=run_mirrored(cfg))
     w = opts.weights
-    if any(n.startswith("fid") for n in names):
+    need = extractors_needed(names)
+    if "inception" in need:
         opts.inception = _cached("inception", (w["inception"],), device, lambda: get_inception(opts))
-    if any(n.startswith("ppl") for n in names):
+    if "lpips" in need:
         opts.lpips = _cached("lpips", (w["vgg16"], w["lpips"]), device, lambda: get_lpips(opts))
-    if "ls" in names:
+    if "classifier" in need:
         opts.classifier = _cached("classifier", (w["classifier"],), device, lambda: get_classifier(opts))
     out: dict[str, float] = {}
     for name in names:

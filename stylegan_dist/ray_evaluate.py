@@ -1,0 +1,147 @@
+"""The Ray entry layer of ``python -m stylegan_dist.evaluate``: the metrics of a checkpoint on N Ray Train
+workers (GPU with NCCL, or CPU with gloo).
+
+Every worker loads the checkpoint's G_ema and the feature extractors, and runs the same metric functions as
+the training-time metrics with its rank and the torch.distributed all-gather: chunk k of the samples goes to
+rank k % N and the partial statistics are combined once, so the values equal the single-process ones
+(``--no-ray``) for the same seeds, batch size and device type. Rank 0 prints the progress; every rank
+reports the (identical) results and the driver takes rank 0's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .metrics import MetricError
+
+RESULTS_FILE = "results.json"
+
+
+def eval_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from .evaluate import build_options, load_extractors, run_metrics
+    from .metrics import torch_distributed_gather
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(max(1, int(config["threads_per_worker"])))
+    args = argparse.Namespace(**config["args"])
+    say = print if rank == 0 else (lambda _msg: None)
+    opts, _ = build_options(args, device, rank=rank, world_size=world_size, gather=torch_distributed_gather,
+                            progress=say)
+    load_extractors(opts, config["names"])
+    results = run_metrics(opts, config["names"], say=say)
+    # Ray Train keeps the metrics of reports that carry a checkpoint: rank 0 hands its results over as one.
+    if rank != 0:
+        ray.train.report({"rank": rank})
+        return
+    with tempfile.TemporaryDirectory(prefix="sgd-eval-report-") as tmp:
+        (Path(tmp) / RESULTS_FILE).write_text(json.dumps({"results": results, "device": str(device)}))
+        ray.train.report({"rank": rank}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def plan_workers(args: argparse.Namespace, resources: dict) -> tuple[int, bool]:
+    """(workers, use_gpu): one worker per GPU of the cluster by default, else one CPU worker."""
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 0))
+    if args.gpu and gpus == 0:
+        raise MetricError("--gpu was given but the Ray cluster has no GPUs; drop --gpu to evaluate on CPU workers.")
+    use_gpu = args.gpu or (gpus > 0 and not args.cpu)
+    workers = args.workers if args.workers is not None else (gpus if use_gpu else 1)
+    if use_gpu and workers > gpus:
+        raise MetricError(f"{workers} GPU workers were asked for but the Ray cluster has {gpus} GPUs; lower "
+                          f"--workers or add GPU nodes.")
+    if args.cpus_per_worker <= 0 or workers * args.cpus_per_worker > cpus:
+        raise MetricError(f"{workers} workers x {args.cpus_per_worker:g} CPUs do not fit the Ray cluster's "
+                          f"{cpus:g} CPUs; lower --workers or --cpus-per-worker.")
+    return workers, use_gpu
+
+
+def _absolute_args(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The command's options with every path made absolute and the weight files resolved here, so that
+    workers started elsewhere read the same files."""
+    from .metrics.registry import extractors_needed
+    from .metrics.weights import resolve_weight
+
+    out = dict(vars(args))
+    for key in ("checkpoint", "data", "cache_dir"):
+        if out.get(key):
+            out[key] = str(Path(out[key]).expanduser().resolve())
+    kinds = {"inception": ["inception"], "lpips": ["vgg16", "lpips"], "classifier": ["classifier"]}
+    for need in extractors_needed(names):
+        for kind in kinds[need]:
+            out[kind] = str(resolve_weight(kind, out.get(kind)).resolve())
+    return out
+
+
+def evaluate_on_ray(args: argparse.Namespace, names: list[str], info: dict) -> tuple[list[dict], str]:
+    """Run the metrics on Ray workers -> (calc_metric results of rank 0, a description of the workers)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .ray_train import init_ray
+
+    ray = init_ray()
+    workers, use_gpu = plan_workers(args, ray.cluster_resources())
+    res = info["resolution"]
+    kind = "GPU" if use_gpu else "CPU"
+    print(f"Evaluating {args.checkpoint} (kimg {info['cur_nimg'] / 1000:.1f}, {res}x{res}, alpha "
+          f"{info['alpha']:.2f}) on {workers} Ray {kind} worker(s): {', '.join(names)}")
+    own_storage = not getattr(args, "storage", None)
+    storage = Path(tempfile.mkdtemp(prefix="sgd-eval-")) if own_storage else Path(args.storage).expanduser().resolve()
+    try:
+        trainer = TorchTrainer(
+            eval_worker,
+            train_loop_config={"args": _absolute_args(args, names), "names": names,
+                               "threads_per_worker": max(1, int(args.cpus_per_worker))},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": args.cpus_per_worker}),
+            run_config=ray.train.RunConfig(name="evaluate", storage_path=str(storage),
+                                           failure_config=ray.train.FailureConfig(max_failures=0)),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:  # the workers' one-sentence MetricError inside Ray's TrainingFailedError
+            raise MetricError(f"Evaluation on Ray failed: {_root_message(e)}") from None
+        if result.checkpoint is None:
+            raise MetricError("Evaluation on Ray ended without results; see the workers' output above.")
+        with result.checkpoint.as_directory() as d:
+            out = json.loads((Path(d) / RESULTS_FILE).read_text())
+    finally:
+        if own_storage:
+            shutil.rmtree(storage, ignore_errors=True)
+        else:
+            shutil.rmtree(storage / "evaluate", ignore_errors=True)
+    return out["results"], f"{workers} Ray {kind} worker(s) ({out['device']})"
+
+
+def _root_message(e: BaseException) -> str:
+    """The innermost error line of a Ray Train failure (a worker's MetricError, for example)."""
+    seen, stack, last = set(), [e], ""
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        for attr in ("worker_failures", "errors"):
+            inner = getattr(cur, attr, None)
+            if isinstance(inner, dict):
+                stack.extend(v for v in inner.values() if isinstance(v, BaseException))
+        if cur.__cause__ is not None:
+            stack.append(cur.__cause__)
+        lines = str(cur).strip().splitlines()
+        if lines:
+            last = lines[-1]
+    return last.rstrip(".") + "." if last else type(e).__name__ + "."
