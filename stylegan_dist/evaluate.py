@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -57,8 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cpu", action="store_true", help="CPU workers even when the cluster has GPUs")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs (and torch threads) "
                     "per worker (default: 1)")
-    ap.add_argument("--storage", metavar="DIR", help="Ray Train's working storage, which every node must reach "
-                    "(default: a temporary directory here, enough for a one-node cluster)")
+    ap.add_argument("--storage", metavar="DIR|URI", help="Ray Train's working storage, which every node must reach "
+                    "(a directory or a URI; default: $STYLEGAN_DIST_STORAGE, else a temporary directory here, enough "
+                    "for a one-node cluster)")
     ap.add_argument("--no-ray", action="store_true", help="evaluate in this process, without Ray")
     ap.add_argument("--device", default="auto", help="with --no-ray: auto (CUDA when available), cpu, cuda or "
                     "cuda:N")
@@ -88,11 +88,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _write_json(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Atomically, to a local path or a storage URI."""
+    from . import storage
+
+    storage.write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def _resolved(loc: str) -> str:
+    from . import storage
+
+    return storage.resolve(loc)
 
 
 def build_options(args: argparse.Namespace, device: torch.device, *, rank: int = 0, world_size: int = 1,
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:<12} {v:>12.4f} {r['num']:>9} {r['seconds']:>9.1f}")
     values = {k: v for r in results for k, v in r["results"].items()}
     if args.out:
-        _write_json({"checkpoint": str(Path(args.checkpoint).resolve()), "cur_nimg": info["cur_nimg"],
+        _write_json({"checkpoint": _resolved(args.checkpoint), "cur_nimg": info["cur_nimg"],
                      "resolution": res, "alpha": info["alpha"], "device": str(device),
                      "torch": torch.__version__, "results": results}, args.out)
         print(f"Wrote {args.out}")

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -71,17 +73,18 @@ def plan_workers(args: argparse.Namespace, resources: dict) -> tuple[int, bool]:
 def _absolute_args(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     """The command's options with every path made absolute and the weight files resolved here, so that
     workers started elsewhere read the same files."""
+    from . import storage
     from .metrics.registry import extractors_needed
-    from .metrics.weights import resolve_weight
+    from .metrics.weights import locate_weight
 
     out = dict(vars(args))
     for key in ("checkpoint", "data", "cache_dir"):
         if out.get(key):
-            out[key] = str(Path(out[key]).expanduser().resolve())
+            out[key] = storage.resolve(out[key])  # absolute path or storage URI
     kinds = {"inception": ["inception"], "lpips": ["vgg16", "lpips"], "classifier": ["classifier"]}
     for need in extractors_needed(names):
         for kind in kinds[need]:
-            out[kind] = str(resolve_weight(kind, out.get(kind)).resolve())
+            out[kind] = locate_weight(kind, out.get(kind))  # a URI is copied locally by each worker's node
     return out
 
 
@@ -98,8 +101,17 @@ def evaluate_on_ray(args: argparse.Namespace, names: list[str], info: dict) -> t
     kind = "GPU" if use_gpu else "CPU"
     print(f"Evaluating {args.checkpoint} (kimg {info['cur_nimg'] / 1000:.1f}, {res}x{res}, alpha "
           f"{info['alpha']:.2f}) on {workers} Ray {kind} worker(s): {', '.join(names)}")
-    own_storage = not getattr(args, "storage", None)
-    storage = Path(tempfile.mkdtemp(prefix="sgd-eval-")) if own_storage else Path(args.storage).expanduser().resolve()
+    from . import storage
+
+    # Ray Train's working storage carries only rank 0's results back; every node must reach it: --storage, else
+    # $STYLEGAN_DIST_STORAGE (a URI on a cluster), else a temporary directory (enough for a one-node cluster).
+    own_storage = not getattr(args, "storage", None) and not os.environ.get(storage.STORAGE_ENV)
+    if own_storage:
+        root = tempfile.mkdtemp(prefix="sgd-eval-")
+    else:
+        root = storage.check_storage_arg(getattr(args, "storage", None))
+    name = f"evaluate-{uuid.uuid4().hex[:12]}"
+    fs, fs_path = storage.filesystem(root)
     try:
         trainer = TorchTrainer(
             eval_worker,
@@ -108,7 +120,8 @@ def evaluate_on_ray(args: argparse.Namespace, names: list[str], info: dict) -> t
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": args.cpus_per_worker}),
-            run_config=ray.train.RunConfig(name="evaluate", storage_path=str(storage),
+            run_config=ray.train.RunConfig(name=name, storage_path=fs_path,
+                                           storage_filesystem=fs if storage.is_uri(root) else None,
                                            failure_config=ray.train.FailureConfig(max_failures=0)),
         )
         try:
@@ -121,9 +134,12 @@ def evaluate_on_ray(args: argparse.Namespace, names: list[str], info: dict) -> t
             out = json.loads((Path(d) / RESULTS_FILE).read_text())
     finally:
         if own_storage:
-            shutil.rmtree(storage, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
         else:
-            shutil.rmtree(storage / "evaluate", ignore_errors=True)
+            try:
+                storage.delete(storage.join(root, name))
+            except storage.StorageError:
+                pass
     return out["results"], f"{workers} Ray {kind} worker(s) ({out['device']})"
 
 
