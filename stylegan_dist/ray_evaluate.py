@@ -93,7 +93,7 @@ def evaluate_on_ray(args: argparse.Namespace, names: list[str], info: dict) -> t
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .ray_train import init_ray
+    from .ray_train import failure_message, init_ray
 
     ray = init_ray()
     workers, use_gpu = plan_workers(args, ray.cluster_resources())
@@ -127,7 +127,7 @@ def evaluate_on_ray(args: argparse.Namespace, names: list[str], info: dict) -> t
         try:
             result = trainer.fit()
         except Exception as e:  # the workers' one-sentence MetricError inside Ray's TrainingFailedError
-            raise MetricError(f"Evaluation on Ray failed: {_root_message(e)}") from None
+            raise MetricError(f"Evaluation on Ray failed: {_sentence(failure_message(e))}") from None
         if result.checkpoint is None:
             raise MetricError("Evaluation on Ray ended without results; see the workers' output above.")
         with result.checkpoint.as_directory() as d:
@@ -143,21 +143,5 @@ def evaluate_on_ray(args: argparse.Namespace, names: list[str], info: dict) -> t
     return out["results"], f"{workers} Ray {kind} worker(s) ({out['device']})"
 
 
-def _root_message(e: BaseException) -> str:
-    """The innermost error line of a Ray Train failure (a worker's MetricError, for example)."""
-    seen, stack, last = set(), [e], ""
-    while stack:
-        cur = stack.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        for attr in ("worker_failures", "errors"):
-            inner = getattr(cur, attr, None)
-            if isinstance(inner, dict):
-                stack.extend(v for v in inner.values() if isinstance(v, BaseException))
-        if cur.__cause__ is not None:
-            stack.append(cur.__cause__)
-        lines = str(cur).strip().splitlines()
-        if lines:
-            last = lines[-1]
-    return last.rstrip(".") + "." if last else type(e).__name__ + "."
+def _sentence(text: str) -> str:
+    return text.rstrip(".") + "."

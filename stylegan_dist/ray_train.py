@@ -76,6 +76,32 @@ class RayConnectError(RuntimeError):
     """No usable Ray cluster; the message is one sentence."""
 
 
+def failure_message(e: BaseException) -> str:
+    """The message that explains a Ray Train failure: a worker's "Training stopped: ..." sentence when there is one,
+    else the innermost error line (the workers' errors are nested in Ray's TrainingFailedError)."""
+    seen = set()
+    msgs = []
+    stack = [e]
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        for attr in ("worker_failures", "errors"):
+            inner = getattr(cur, attr, None)
+            if isinstance(inner, dict):
+                stack.extend(v for v in inner.values() if isinstance(v, BaseException))
+        if cur.__cause__ is not None:
+            stack.append(cur.__cause__)
+        text = str(cur).strip().splitlines()
+        if text:
+            msgs.append(text[-1])
+    for m in msgs:
+        if "Training stopped:" in m:
+            return m[m.index("Training stopped:"):]
+    return msgs[-1] if msgs else type(e).__name__
+
+
 def train_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch

@@ -34,7 +34,7 @@ from . import checkpoint as ckpt_mod
 from . import storage
 from .cli import add_config_args, config_from_args, fail
 from .config import Config, ConfigError, flat_params, from_dict, to_dict, to_yaml
-from .ray_train import RayConnectError
+from .ray_train import RayConnectError, failure_message
 from .schedule import format_schedule
 from .tracking import (
     DEFAULT_EXPERIMENT,
@@ -243,7 +243,7 @@ def run_ray(args: argparse.Namespace, cfg: Config, root: str, run_dir: str, uri:
         logger.terminate("FAILED")
         newest = latest_checkpoint_meta(run_dir)
         kept = f"newest checkpoint {newest['path']}" if newest else "no checkpoint was written"
-        return fail(f"Training failed ({_root_message(e)}); {kept}.", code=1)
+        return fail(f"Training failed ({failure_message(e)}); {kept}.", code=1)
 
     newest = latest_checkpoint_meta(run_dir)
     finished = newest is not None and newest["cur_nimg"] >= int(round(cfg.schedule.total_kimg * 1000))
@@ -253,30 +253,6 @@ def run_ray(args: argparse.Namespace, cfg: Config, root: str, run_dir: str, uri:
     logger.terminate("FINISHED" if finished else "KILLED")  # KILLED: paused; the next run continues it
     _print_summary(run_dir, uri, run_id, newest, finished, time.time() - t0)
     return 0
-
-
-def _root_message(e: BaseException) -> str:
-    seen = set()
-    msgs = []
-    stack = [e]
-    while stack:
-        cur = stack.pop()
-        if id(cur) in seen:
-            continue
-        seen.add(id(cur))
-        for attr in ("worker_failures", "errors"):
-            inner = getattr(cur, attr, None)
-            if isinstance(inner, dict):
-                stack.extend(v for v in inner.values() if isinstance(v, BaseException))
-        if cur.__cause__ is not None:
-            stack.append(cur.__cause__)
-        text = str(cur).strip().splitlines()
-        if text:
-            msgs.append(text[-1])
-    for m in msgs:
-        if "Training stopped:" in m:
-            return m[m.index("Training stopped:"):]
-    return msgs[-1] if msgs else type(e).__name__
 
 
 def _print_summary(run_dir: str, uri: str, run_id: str, newest: dict | None, finished: bool, seconds: float) -> None:

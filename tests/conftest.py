@@ -39,6 +39,23 @@ TINY_SCHEDULE = [
 ]
 
 
+# A run config for the Ray tests: 8 -> 16 in five ticks of 64 images, a checkpoint every tick.
+TINY_RUN = """
+model: {resolution: 16, fmap_base: 64, fmap_max: 16, latent_dim: 16, w_dim: 16}
+generator: {mapping_fmaps: 16}
+schedule:
+  start_resolution: 8
+  stabilise_kimg: 0.064
+  fade_kimg: 0.064
+  total_kimg: 0.32
+  batch_per_gpu: {}
+  batch_base: 8
+  tick_kimg_base: 0.064
+  tick_kimg_dict: {}
+train: {checkpoint_kimg: 0.06, grid_size: 4}
+"""
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ray_env
+from conftest import ROOT, TINY_RUN, ray_env
 from services import MlflowServer, Postgres, RayCluster, free_port, wait_for
 
 from stylegan_dist import storage
@@ -19,20 +19,6 @@ from stylegan_dist.ray_train import run_checkpoints
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-TINY_RUN = """
-model: {resolution: 16, fmap_base: 64, fmap_max: 16, latent_dim: 16, w_dim: 16}
-generator: {mapping_fmaps: 16}
-schedule:
-  start_resolution: 8
-  stabilise_kimg: 0.064
-  fade_kimg: 0.064
-  total_kimg: 0.32
-  batch_per_gpu: {}
-  batch_base: 8
-  tick_kimg_base: 0.064
-  tick_kimg_dict: {}
-train: {checkpoint_kimg: 0.06, grid_size: 4}
-"""
 DATA = "s3://bucket/shapes"
 # The README's demo config, with its schedule shortened to a few ticks (the networks, widths and resolution are the
 # demo's own).

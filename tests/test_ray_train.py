@@ -11,26 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, TINY_RUN
 
 from stylegan_dist.ray_train import run_checkpoints
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-TINY_RUN = """
-model: {resolution: 16, fmap_base: 64, fmap_max: 16, latent_dim: 16, w_dim: 16}
-generator: {mapping_fmaps: 16}
-schedule:
-  start_resolution: 8
-  stabilise_kimg: 0.064
-  fade_kimg: 0.064
-  total_kimg: 0.32
-  batch_per_gpu: {}
-  batch_base: 8
-  tick_kimg_base: 0.064
-  tick_kimg_dict: {}
-train: {checkpoint_kimg: 0.06, grid_size: 4}
-"""
 
 
 @pytest.fixture
