@@ -83,20 +83,29 @@ def is_relative(loc: str | os.PathLike) -> bool:
 # ------------------------------------------------------------------------------------------- filesystems
 
 
-@lru_cache(maxsize=32)
 def _fs_for(scheme_: str, netloc: str, query: str):
+    """The filesystem of a URI; S3 settings come from the environment, read now (so a changed endpoint is used)."""
+    if scheme_ == "s3" and not query:
+        return _s3(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None,
+                   os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+                   float(os.environ.get("STYLEGAN_DIST_S3_CONNECT_TIMEOUT", "5")),
+                   float(os.environ.get("STYLEGAN_DIST_S3_REQUEST_TIMEOUT", "60")))
+    return _from_uri(f"{scheme_}://{netloc}/" + (f"?{query}" if query else ""))
+
+
+@lru_cache(maxsize=16)
+def _s3(endpoint: str | None, region: str | None, connect_timeout: float, request_timeout: float):
     import pyarrow.fs as pafs
 
-    if scheme_ == "s3" and not query:
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        return pafs.S3FileSystem(
-            endpoint_override=endpoint or None,
-            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
-            connect_timeout=float(os.environ.get("STYLEGAN_DIST_S3_CONNECT_TIMEOUT", "5")),
-            request_timeout=float(os.environ.get("STYLEGAN_DIST_S3_REQUEST_TIMEOUT", "60")),
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3),
-        )
-    uri = f"{scheme_}://{netloc}/" + (f"?{query}" if query else "")
+    return pafs.S3FileSystem(endpoint_override=endpoint, region=region, connect_timeout=connect_timeout,
+                             request_timeout=request_timeout,
+                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+
+
+@lru_cache(maxsize=16)
+def _from_uri(uri: str):
+    import pyarrow.fs as pafs
+
     fs, _ = pafs.FileSystem.from_uri(uri)
     return fs
 

@@ -104,12 +104,9 @@ def s3():
     at it while the module runs (pyarrow and boto3 read them)."""
     from services import S3Server
 
-    from stylegan_dist import storage
-
     server = S3Server().start()
     old = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
-    storage._fs_for.cache_clear()
+    os.environ.update(server.env)  # storage reads the endpoint per call, so no cached filesystem goes stale
     try:
         server.client().create_bucket(Bucket="bucket")
         yield server
@@ -119,5 +116,4 @@ def s3():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        storage._fs_for.cache_clear()
         server.stop()
