@@ -495,8 +495,8 @@ def _commands(text: str) -> list[str]:
     return re.findall(r"python -m ([A-Za-z_][\w.]*)([^\n`\"]*)", text)
 
 
-@pytest.mark.parametrize("path", ["cluster/README.md", "sweeps/README.md", "cluster/kuberay/raycluster.yaml",
-                                  "cluster/kuberay/rayjob-sweep.yaml"])
+@pytest.mark.parametrize("path", ["README.md", "cluster/README.md", "sweeps/README.md",
+                                  "cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob-sweep.yaml"])
 def test_documented_commands_exist(path):
     text = (ROOT / path).read_text()
     cmds = _commands(text)
