@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -199,10 +200,23 @@ def run_checkpoints(run_dir: str) -> list[dict[str, Any]]:
     fs, fs_path = storage.filesystem(run_dir)
     if not storage.exists(run_dir):
         return []
+    # Restoring logs "A run snapshot was found ..." at INFO every time; this is a query, not a restore.
+    quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
-        result = Result.from_path(fs_path, storage_filesystem=fs)
-    except RuntimeError:  # no Ray Train snapshot in that directory yet
-        return []
+        for attempt in range(3):
+            try:
+                result = Result.from_path(fs_path, storage_filesystem=fs)
+                break
+            except RuntimeError:  # no Ray Train snapshot in that directory yet
+                return []
+            except Exception:  # the snapshot caught while Ray rewrites it: read it again
+                if attempt == 2:
+                    raise
+                time.sleep(0.5)
+    finally:
+        quiet.setLevel(level)
     out = []
     for checkpoint, metrics in result.best_checkpoints:
         meta = checkpoint.get_metadata()

@@ -288,12 +288,10 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         max_failures=spec.max_failures, keep_checkpoints=keep, callbacks=[TuneReportCallback()],
     )
     t0 = time.time()
-    try:
-        fit_result = trainer.fit()
-    except Exception:
-        logger.set_tag("sweep.status", "failed")
-        logger.terminate("FAILED")
-        raise
+    # An exception here is a failed trial or a sweep being interrupted (Ctrl-C stops the trainer mid-fit); which of
+    # the two only the driver knows, so the driver's _finish sets the MLflow status and tag of every unfinished
+    # trial (writing FAILED here raced with its KILLED).
+    fit_result = trainer.fit()
     train_seconds = time.time() - t0
     newest = latest_checkpoint_meta(tdir)
     total = int(round(cfg.schedule.total_kimg * 1000))
