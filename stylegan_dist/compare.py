@@ -477,16 +477,12 @@ def render_charts(comp: Comparison, out: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    fig.savefig(path, dpi=110)
     return path
 
 
 def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    path.write_text(text)
     return path
 
 
@@ -497,6 +493,7 @@ def write_report(comp: Comparison, out: str | Path, log_to_parent: bool = True) 
 
     from . import storage
 
+    # Rendered into a private directory, then each file copied to ``out`` atomically (storage.upload).
     with tempfile.TemporaryDirectory(prefix="sgd-report-") as tmp:
         local = Path(tmp)
         files = [_write(local / "comparison.md", render_markdown(comp)),
