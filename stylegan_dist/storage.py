@@ -343,15 +343,6 @@ def upload(src: str | os.PathLike, loc: str | os.PathLike) -> str:
     return str(loc)
 
 
-def upload_tree(src: str | os.PathLike, loc: str | os.PathLike) -> str:
-    """Copy a local directory tree under a location (files one by one, each atomically)."""
-    src = Path(src)
-    for f in sorted(src.rglob("*")):
-        if f.is_file():
-            upload(f, join(loc, *f.relative_to(src).parts))
-    return str(loc)
-
-
 def delete(loc: str | os.PathLike) -> None:
     """Remove a file or a directory tree; missing is fine."""
     p = local_path(loc)

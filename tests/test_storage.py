@@ -79,7 +79,7 @@ def test_fid_cache_through_storage(root):
 
 def test_dataset_from_s3_reads_the_same_batches(s3, dataset):
     uri = "s3://bucket/data/shapes16"
-    storage.upload_tree(dataset, uri)
+    storage.copy_tree(dataset, uri)
     assert open_manifest(uri)["num_images"] == open_manifest(dataset)["num_images"]
     local = LocalBatchSource(dataset, seed=3, prefetch=0)
     remote = LocalBatchSource(uri, seed=3, prefetch=0)
