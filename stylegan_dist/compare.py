@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tracking import metric_key, stat_metrics
+
 # --------------------------------------------------------------------------------------------------
 # The paper's published values (arXiv 1812.04948, FFHQ), keyed by our metric names.
 
@@ -220,7 +222,12 @@ class Comparison:
         return pick(scored, key=lambda r: r.metrics[metric])
 
 
-HISTORY_KEYS = ("loss_G", "loss_D", "fid50k", "fid_shapes")
+HISTORY_KEYS = ("loss/G", "loss/D", "fid50k", "fid_shapes")  # statistic names (tracking.stat_name)
+
+
+def _logged_key(stat: str, logged: dict) -> str | None:
+    """The MLflow key a run holds ``stat`` under: grouped (metrics/fid50k), or flat in runs logged before."""
+    return next((k for k in (metric_key(stat), stat.replace("/", "_")) if k in logged), None)
 
 
 def _client(uri: str):
@@ -285,15 +292,17 @@ def collect(uri: str, experiment: str, parent_id: str | None = None, paper_table
         tags, params = r.data.tags, r.data.params
         history: dict[str, list[tuple[float, float]]] = {}
         for key in HISTORY_KEYS + ("sec_per_tick",):
-            if key in r.data.metrics:
-                hist = _dedup_by_step(client.get_metric_history(r.info.run_id, key))
+            logged = _logged_key(key, r.data.metrics)
+            if logged is not None:
+                hist = _dedup_by_step(client.get_metric_history(r.info.run_id, logged))
                 history[key] = [(m.step / 1000.0, m.value) for m in hist]
         ticks = history.pop("sec_per_tick", [])
-        kimg = r.data.metrics.get("kimg")
+        metrics = stat_metrics(r.data.metrics)
+        kimg = metrics.get("kimg")
         row = TrialRow(
             run_id=r.info.run_id, label=tags.get("mlflow.runName") or r.info.run_name or r.info.run_id[:8],
             status=tags.get("sweep.status") or r.info.status.lower(), params=params, tags=tags,
-            metrics=dict(r.data.metrics), kimg=kimg, train_seconds=sum(v for _, v in ticks) if ticks else None,
+            metrics=metrics, kimg=kimg, train_seconds=sum(v for _, v in ticks) if ticks else None,
             history=history,
         )
         if table is not None:
@@ -437,8 +446,8 @@ def render_charts(comp: Comparison, out: Path) -> list[Path]:
     for key, title, fname in (("fid50k", "FID over training", "fid_over_kimg.png"),
                               ("fid_shapes", "Shapes-FID (shapes classifier features) over training",
                                "fid_shapes_over_kimg.png"),
-                              ("loss_G", "Generator loss over training", "loss_G_over_kimg.png"),
-                              ("loss_D", "Discriminator loss over training", "loss_D_over_kimg.png")):
+                              ("loss/G", "Generator loss over training", "loss_G_over_kimg.png"),
+                              ("loss/D", "Discriminator loss over training", "loss_D_over_kimg.png")):
         series = [(r.label, r.history.get(key, [])) for r in comp.rows if r.history.get(key)]
         if not series:
             continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,6 +171,18 @@ class PerfConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    # G_ema as an MLflow model (mlflow.pytorch, z -> image) in the Model Registry: at the end of training and at
+    # every new best of the first FID metric in metrics.names (alias "best"). Name "": the run's name (the sweep's
+    # name for a sweep's trials, one version per trial).
+    log_model: bool = True
+    model_name: str = ""
+    # MLflow system metrics (CPU, memory, disk, network, NVIDIA GPUs) sampled on local rank 0 of every node
+    # every this many seconds, logged at each tick end at step = images seen as system/node_<k>/...; 0: off.
+    system_metrics_sec: float = 10.0
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
@@ -180,6 +193,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)  # section name -> dataclass
@@ -406,6 +420,9 @@ def validate(cfg: Config) -> None:
         (p.precision in ("fp32", "tf32", "bf16"), f"perf.precision must be fp32, tf32 or bf16, got '{p.precision}'"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),
         (cfg.train.grid_size >= 1, "train.grid_size must be >= 1"),
+        (cfg.tracking.system_metrics_sec >= 0, "tracking.system_metrics_sec must be >= 0 (0: off)"),
+        (re.fullmatch(r"[A-Za-z0-9_.\-]*", cfg.tracking.model_name) is not None,
+         f"tracking.model_name may contain letters, digits, '_', '.' and '-' only, got '{cfg.tracking.model_name}'"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -28,7 +28,7 @@ import torch
 from .checkpoint import CheckpointError
 from .cli import fail
 from .config import ConfigError
-from .generate import GenerateError, load_generator, resolve_device
+from .generate import GenerateError, add_generator_source, load_generator, resolve_device
 from .metrics import MetricError, calc_metric, list_metrics, parse_metric_list
 from .metrics.fid import get_inception
 from .metrics.ppl import get_lpips
@@ -42,7 +42,7 @@ DEFAULT_NUM = {"fid": 50_000, "ppl": 100_000, "ls": 200_000}  # by the metric na
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m stylegan_dist.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", metavar="PATH", help="checkpoint written by training (ckpt-*.pt)")
+    add_generator_source(ap, required=False)
     ap.add_argument("--data", metavar="DIR", help="prepared dataset of real images (needed by fid50k)")
     ap.add_argument("--metrics", default="fid50k", help="comma-separated metric names (default: fid50k); "
                     "--list shows them")
@@ -104,7 +104,7 @@ def build_options(args: argparse.Namespace, device: torch.device, *, rank: int =
                   gather=None, progress=print):
     """(MetricOptions, checkpoint info) for the checkpoint and the command's settings; one rank of many when
     ``world_size`` > 1 (the same rank split and gather as the training-time metrics)."""
-    G, cfg, info = load_generator(args.checkpoint, device)
+    G, cfg, info = load_generator(args.checkpoint, device, getattr(args, "tracking_uri", None))
     s = settings_from_config(cfg)
     opts = options_from_settings(s, G, resolution=info["resolution"], alpha=info["alpha"], data=args.data,
                                  device=device, rank=rank, world_size=world_size, gather=gather,
@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if not args.checkpoint:
-            raise MetricError("--checkpoint is required: give a checkpoint written by training.")
+            raise MetricError("--checkpoint (or --model) is required: give a checkpoint written by training or a "
+                              "registered generator (models:/NAME/VERSION).")
         names = parse_metric_list(args.metrics)
         if not names:
             raise MetricError("--metrics names no metric.")

@@ -12,11 +12,14 @@
   all           The three, into --outdir.
 
 Latents and noise per seed are drawn as in ``stylegan_dist.generate``. Images smaller than --cell pixels
-are enlarged (nearest) so a person can look at them. --mlflow-run also logs the PNGs to that run.
+are enlarged (nearest) so a person can look at them. The figures also go into the checkpoint's MLflow training run
+(or --mlflow-run) as time-stepped images (figures/style_mixing, figures/noise, figures/truncation at step = the
+checkpoint's image count), so the run's image panel shows them beside the sample grids; --no-mlflow skips that.
 
 Examples:
   python -m stylegan_dist.figures all --checkpoint CKPT --outdir figures/
   python -m stylegan_dist.figures style-mixing --checkpoint CKPT --out mixing.png --mlflow-run RUN_ID
+  python -m stylegan_dist.figures all --model models:/demo/1 --outdir figures/
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from .cli import fail
 from .config import ConfigError
 from .generate import (
     GenerateError,
+    add_generator_source,
     load_generator,
-    log_to_mlflow,
     parse_floats,
     parse_seeds,
     resolve_device,
@@ -192,16 +195,18 @@ def truncation_figure(G: Generator, seeds: list[int], psis: list[float], resolut
 
 
 def _common(p: argparse.ArgumentParser, single: bool) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint written by training; G_ema "
-                   "is used at the checkpoint's current resolution")
+    add_generator_source(p)
     if single:
         p.add_argument("--out", metavar="PNG", help="image to write (default: <figure>.png)")
     p.add_argument("--cell", type=int, default=128, help="enlarge small images to at least this many pixels per "
                    "cell (nearest; default: 128)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--mlflow-run", metavar="ID", help="also log the PNGs to this MLflow run (under figures/)")
-    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking store for --mlflow-run (default: "
-                   "MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--mlflow-run", metavar="ID", help="MLflow run to log the figures into, as images at step = the "
+                   "checkpoint's image count (default: the training run of the checkpoint or model, when its "
+                   "tracking store is found)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking store (default: MLFLOW_TRACKING_URI, else "
+                   "the mlflow.db beside the training run, else ./mlflow.db)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the figures to MLflow")
 
 
 def _mixing_args(p: argparse.ArgumentParser) -> None:
@@ -249,11 +254,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> list[Path]:
+FIGURE_KEYS = {"style-mixing": "figures/style_mixing", "noise": "figures/noise", "truncation": "figures/truncation"}
+
+
+def run(args: argparse.Namespace, done: dict | None = None) -> list[Path]:
+    """Write the figures; ``done`` (when given) receives the checkpoint's info and {figure: canvas}."""
     if args.cell < 1:
         raise GenerateError("--cell must be at least 1.")
     device = resolve_device(args.device)
-    G, cfg, info = load_generator(args.checkpoint, device)
+    G, cfg, info = load_generator(args.checkpoint, device, args.tracking_uri)
     res, alpha = info["resolution"], info["alpha"]
     which = ["style-mixing", "noise", "truncation"] if args.figure == "all" else [args.figure]
     names = {"style-mixing": "figure03-style-mixing.png", "noise": "figure04-noise-detail.png",
@@ -285,7 +294,36 @@ def run(args: argparse.Namespace) -> list[Path]:
         save_png(canvas, out)
         print(f"Wrote {out} ({canvas.shape[1]}x{canvas.shape[0]} px, {time.time() - t0:.1f} s).")
         written.append(out)
+        if done is not None:
+            done.setdefault("canvases", {})[fig] = canvas
+    if done is not None:
+        done["info"] = info
     return written
+
+
+def _log_figures(args: argparse.Namespace, done: dict) -> None:
+    """Figures as time-stepped images (figures/style_mixing, ...) at step = the checkpoint's image count, into
+    --mlflow-run or the checkpoint's own training run."""
+    from .metrics.registry import MetricError
+    from .metrics.tracking import run_logger
+
+    info = done["info"]
+    run_id = args.mlflow_run or info["extra"].get("mlflow_run_id")
+    if not run_id or args.no_mlflow:
+        return
+    if not args.mlflow_run and not args.tracking_uri:  # the training run's store is not here: nothing to look up
+        return
+    try:
+        logger = run_logger(run_id, args.tracking_uri)
+    except MetricError as e:
+        if args.mlflow_run:
+            raise
+        print(f"Not logged to MLflow: the checkpoint's training run is not in reach ({e})")
+        return
+    for fig, canvas in done["canvases"].items():
+        logger.log_image(canvas, key=FIGURE_KEYS[fig], step=info["cur_nimg"])
+    print(f"Logged {', '.join(FIGURE_KEYS[f] for f in done['canvases'])} to MLflow run {run_id} as images at step "
+          f"{info['cur_nimg']}.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,12 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     from .metrics.registry import MetricError
 
     try:
+        if args.no_mlflow and args.mlflow_run:
+            raise GenerateError("--mlflow-run and --no-mlflow contradict each other; give one of them.")
         if args.mlflow_run:
             from .metrics.tracking import check_run
 
             check_run(args.mlflow_run, args.tracking_uri)
-        written = run(args)
-        log_to_mlflow(args.mlflow_run, written, args.tracking_uri)
+        done: dict = {}
+        run(args, done)
+        _log_figures(args, done)
     except (GenerateError, CheckpointError, ConfigError, MetricError) as e:
         return fail(str(e))
     return 0

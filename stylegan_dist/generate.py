@@ -7,6 +7,7 @@ it) and its noise inputs come from ``torch.Generator().manual_seed(s)``, so an i
 Examples:
   python -m stylegan_dist.generate --checkpoint runs/demo/checkpoints/ckpt-0000400000.pt --seeds 0-63
   python -m stylegan_dist.generate --checkpoint CKPT --seeds 0-7,100 --truncation 1.0 --out raw.png --outdir imgs/
+  python -m stylegan_dist.generate --model models:/demo/1 --seeds 0-31 --out demo.png
 """
 
 from __future__ import annotations
@@ -74,9 +75,15 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def load_generator(path: str | Path, device: torch.device | str = "cpu"
+def load_generator(path: str | Path, device: torch.device | str = "cpu", tracking_uri: str | None = None
                    ) -> tuple[Generator, Config, dict[str, Any]]:
-    """(G_ema in eval mode, config, {'cur_nimg', 'resolution', 'alpha', 'extra'}) from a checkpoint."""
+    """(G_ema in eval mode, config, {'cur_nimg', 'resolution', 'alpha', 'extra'}) from a checkpoint (local path or
+    storage URI) or an MLflow model (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/RUN_ID/G_ema``),
+    looked up in ``tracking_uri`` (default: MLFLOW_TRACKING_URI, else the store beside the default storage)."""
+    from .mlflow_model import default_tracking_uri, is_model_uri, load_exported
+
+    if is_model_uri(str(path)):
+        return load_exported(str(path), tracking_uri or default_tracking_uri(), device)
     ck = load_checkpoint(path)
     cfg = from_dict(ck["config"])
     G = build_generator(cfg)
@@ -133,11 +140,20 @@ def log_to_mlflow(run_id: str | None, paths: list[Path], uri: str | None = None)
         print(f"Logged {len(paths)} PNG(s) to MLflow run {run_id} under figures/.")
 
 
+def add_generator_source(ap: argparse.ArgumentParser, required: bool = True) -> None:
+    """--checkpoint PATH | --model URI (one of them; either flag takes either kind of location)."""
+    group = ap.add_mutually_exclusive_group(required=required)
+    group.add_argument("--checkpoint", metavar="PATH", help="checkpoint written by training (a path or storage URI "
+                       "of ckpt-*.pt / checkpoint_*/ckpt.pt); G_ema is used at the checkpoint's resolution")
+    group.add_argument("--model", dest="checkpoint", metavar="URI", help="a generator training registered in "
+                       "MLflow: models:/NAME/VERSION, models:/NAME@best or runs:/RUN_ID/G_ema (tracking store: "
+                       "--tracking-uri, else MLFLOW_TRACKING_URI, else $STYLEGAN_DIST_STORAGE or ./runs/mlflow.db)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m stylegan_dist.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint written by training "
-                    "(ckpt-*.pt); G_ema is used")
+    add_generator_source(ap)
     ap.add_argument("--seeds", required=True, help="seeds as numbers and ranges, e.g. 0-63 or 1,5,10-12")
     ap.add_argument("--truncation", type=float, metavar="PSI", help="truncation psi (1 = none; default: the "
                     "config's generator.truncation_psi, 0.7 in the paper)")
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             from .metrics.tracking import check_run
 
             check_run(args.mlflow_run, args.tracking_uri)
-        G, cfg, info = load_generator(args.checkpoint, device)
+        G, cfg, info = load_generator(args.checkpoint, device, args.tracking_uri)
         psi = cfg.generator.truncation_psi if args.truncation is None else args.truncation
         cutoff = cfg.generator.truncation_cutoff if args.truncation_cutoff is None else args.truncation_cutoff
         res = info["resolution"]

@@ -213,6 +213,7 @@ def training_loop(
     checkpoint_dir: str | Path | None = None,
     metrics_data: str | None = None,
     log: Callable[[str], None] | None = print,
+    on_generator: Callable[[Generator, dict[str, Any], bool], None] | None = None,
 ) -> LoopResult:
     """Train until ``schedule.total_kimg`` (or ``stop_after_ticks`` ticks of this call).
 
@@ -220,7 +221,8 @@ def training_loop(
     when one was written, else None; the callback may move the file away). ``extra_state`` is stored in
     checkpoints (e.g. the MLflow run id). Checkpoints go to ``checkpoint_dir`` (default run_dir/checkpoints).
     The metrics named in ``cfg.metrics`` run on G_ema every ``metrics.kimg`` against ``metrics_data`` (or
-    ``metrics.data``) and are added to the tick's stats.
+    ``metrics.data``) and are added to the tick's stats. ``on_generator(G_ema, stats, done)`` is called on rank 0 at
+    each tick end after the metrics (to export the generator, e.g. as an MLflow model).
     """
     device = torch.device(device)
     run_dir = storage.resolve(run_dir)
@@ -404,6 +406,8 @@ def training_loop(
                 cfg, G_ema, cfg.metrics.data or metrics_data, cur_nimg, rank=rank, world_size=world_size,
                 device=device, gather=torch_distributed_gather if ddp else None, log=say))
             last_metrics_nimg = cur_nimg
+        if is_main and on_generator is not None:
+            on_generator(G_ema, stats_out, done)
         stopping = done or (stop_after_ticks is not None and ticks_this_call >= stop_after_ticks)
         ckpt_path = None
         if stopping or cur_nimg - last_ckpt_nimg >= cfg.train.checkpoint_kimg * 1000:

@@ -76,10 +76,11 @@ def _absolute_args(args: argparse.Namespace, names: list[str]) -> dict[str, Any]
     from . import storage
     from .metrics.registry import extractors_needed
     from .metrics.weights import locate_weight
+    from .mlflow_model import is_model_uri
 
     out = dict(vars(args))
     for key in ("checkpoint", "data", "cache_dir"):
-        if out.get(key):
+        if out.get(key) and not is_model_uri(out[key]):
             out[key] = storage.resolve(out[key])  # absolute path or storage URI
     kinds = {"inception": ["inception"], "lpips": ["vgg16", "lpips"], "classifier": ["classifier"]}
     for need in extractors_needed(names):

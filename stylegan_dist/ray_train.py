@@ -113,7 +113,7 @@ def train_worker(config: dict[str, Any]) -> None:
     from .checkpoint import load_checkpoint
     from .config import from_dict
     from .loop import NonFiniteLossError, training_loop
-    from .tracking import RunLogger
+    from .run_tracking import RunTracker
 
     # Ray Train logs every report at INFO and routes print() through its logger; keep the driver's
     # console to one progress line per tick.
@@ -145,16 +145,15 @@ def train_worker(config: dict[str, Any]) -> None:
     run_id = config["mlflow_run_id"]
     if resume is not None:
         run_id = resume.get("extra", {}).get("mlflow_run_id", run_id)
-    logger = RunLogger(config["tracking_uri"], run_id) if rank == 0 else None
+    node_index, node_leader = _node_of(rank, world_size)
+    tracker = RunTracker(config["tracking_uri"], run_id, cfg, config["model_name"], rank=rank,
+                         node_leader=node_leader, node=f"node_{node_index}", log=_console)
     local_ckpts = Path(tempfile.mkdtemp(prefix=f"sgd-ckpt-r{rank}-"))
     source = RayBatchSource(config["data"], seed=cfg.train.seed, mirror=cfg.train.mirror, rank=rank)
 
     def report(stats: dict[str, Any], ckpt_path: str | None) -> None:
         metrics = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if logger is not None:
-            logger.log_metrics(metrics, step=int(stats["cur_nimg"]))
-            if stats.get("grid"):
-                logger.log_artifact(stats["grid"], "samples")
+        tracker.tick(stats)
         if ckpt_path is None:
             ray.train.report(metrics)
             return
@@ -172,14 +171,32 @@ def train_worker(config: dict[str, Any]) -> None:
             cfg, source, run_dir, rank=rank, world_size=world_size, device=device, resume=resume, report=report,
             extra_state={"mlflow_run_id": run_id}, checkpoint_dir=local_ckpts, metrics_data=config["data"],
             log=_console if rank == 0 else None, stop_after_ticks=config.get("max_ticks"),
+            on_generator=tracker.generator,
         )
     except NonFiniteLossError as e:
-        if logger is not None:
-            logger.set_tag("stopped", str(e))
+        if tracker.logger is not None and rank == 0:
+            tracker.logger.set_tag("stopped", str(e))
         raise
     finally:
+        tracker.close()
         source.close()  # stops Ray Data iterator threads before the worker is torn down
         shutil.rmtree(local_ckpts, ignore_errors=True)
+
+
+def _node_of(rank: int, world_size: int) -> tuple[int, bool]:
+    """(index of this worker's Ray node, numbered by the lowest rank on each; whether this is that rank). Ray
+    Train's node rank and local rank count nodes by IP address, which several Ray nodes on one machine share; the
+    Ray node id tells them apart. A collective: every rank calls it."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if world_size > 1:
+        nodes = [None] * world_size
+        dist.all_gather_object(nodes, node)
+    first = list(dict.fromkeys(nodes))  # node ids in order of their lowest rank
+    return first.index(node), nodes.index(node) == rank
 
 
 def _console(line: str) -> None:
@@ -240,10 +257,11 @@ def latest_checkpoint_meta(run_dir: str) -> dict[str, Any] | None:
 def build_trainer(cfg_dict: dict[str, Any], *, data: str, run_dir: str, workers: int, use_gpu: bool,
                   cpus_per_worker: float, tracking_uri: str, mlflow_run_id: str, max_failures: int,
                   keep_checkpoints: int, max_ticks: int | None = None, pid_dir: str | None = None,
-                  callbacks: list | None = None, placement: str = "PACK"):
+                  callbacks: list | None = None, placement: str = "PACK", model_name: str | None = None):
     """A TorchTrainer for one run. ``run_dir`` (local path or storage URI) is Ray Train's ``storage_path/name``:
     Ray persists the checkpoints there itself, and a trainer built again for the same ``run_dir`` continues from
-    the newest one."""
+    the newest one. G_ema is registered in MLflow under ``tracking.model_name``, else ``model_name``, else the run's
+    directory name."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -262,6 +280,7 @@ def build_trainer(cfg_dict: dict[str, Any], *, data: str, run_dir: str, workers:
         "cfg": cfg_dict, "data": storage.resolve(data), "run_dir": storage.resolve(run_dir),
         "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id, "max_ticks": max_ticks, "pid_dir": pid_dir,
         "threads_per_worker": max(1, int(cpus_per_worker)),
+        "model_name": cfg.tracking.model_name or model_name or storage.name(run_dir),
     }
     return TorchTrainer(
         train_worker,

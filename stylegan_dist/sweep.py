@@ -223,6 +223,21 @@ def _lower(s: str) -> str:
 # One trial (runs inside a Ray Tune trial actor)
 
 
+def _paper_row(spec: SweepSpec, point: TrialPoint, params: dict[str, str], tags: dict[str, str]
+               ) -> tuple[str | None, str]:
+    """(row key, the paper's row label) of a trial in the sweep's paper table: the variant's ``paper_row``, else
+    the row its parameters select (Table 2's mixing ratio, ...), as ``compare`` places it. Tagged on the trial's
+    run, so the MLflow UI can group and label trials by paper row."""
+    row = spec.paper_row(point)
+    if not spec.paper_table:
+        return row, ""
+    from .compare import PAPER_TABLES
+
+    table = PAPER_TABLES[spec.paper_table]
+    row = row or table.row_key(params, tags)
+    return row, (table.rows[row][0] if row in table.rows else "")
+
+
 def _trial_run_id(ctx: dict, spec: SweepSpec, point: TrialPoint, cfg, tdir: str, index: int | None) -> str:
     from .ray_train import latest_checkpoint_meta
     from .tracking import RunLogger, create_run, run_exists
@@ -246,8 +261,10 @@ def _trial_run_id(ctx: dict, spec: SweepSpec, point: TrialPoint, cfg, tdir: str,
     params = {**flat_params(cfg), **protocol_params(cfg), "data": ctx["data"], "workers": str(ctx["workers"]),
               "gpu": str(ctx["use_gpu"]), "sweep.trial": spec.label(point)}
     tags = {"mlflow.parentRunId": ctx["parent_run_id"], "sweep.role": "trial", "sweep.name": spec.name,
-            "sweep.variant": point.variant or "", "sweep.preset": preset or "",
-            "sweep.paper_row": spec.paper_row(point) or "", "sweep.values": json.dumps(point.values, default=str),
+            "sweep.variant": point.variant or "", "sweep.preset": preset or ""}
+    row, row_label = _paper_row(spec, point, params, tags)
+    tags = {**tags, "sweep.paper_row": row or "", "paper.row": row_label,
+            "sweep.values": json.dumps(point.values, default=str),
             "sweep.status": "running", "sweep.index": str(index if index is not None else ""),
             "run_dir": tdir}
     run_id = create_run(uri, ctx["experiment"], spec.label(point), params, tags={k: v for k, v in tags.items() if v})
@@ -286,6 +303,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         to_dict(cfg), data=ctx["data"], run_dir=tdir, workers=ctx["workers"], use_gpu=ctx["use_gpu"],
         cpus_per_worker=ctx["cpus_per_worker"], tracking_uri=uri, mlflow_run_id=run_id,
         max_failures=spec.max_failures, keep_checkpoints=keep, callbacks=[TuneReportCallback()],
+        model_name=spec.name,
     )
     t0 = time.time()
     # An exception here is a failed trial or a sweep being interrupted (Ctrl-C stops the trainer mid-fit); which of

@@ -11,6 +11,11 @@ Experiments are created with their artifact location beside their store (``<stor
 store, the storage URI's ``mlartifacts/`` for a database with object-store runs, the server's own store for a
 server), never the current directory. Everything goes through ``MlflowClient`` with an explicit run id, so no
 global "active run" state crosses process boundaries.
+
+What the UI shows: experiments carry ``mlflow.experimentKind = custom_model_development`` (MLflow 3 opens them in
+its model-training view, not the GenAI one); metric keys are grouped with "/" (``loss/G``, ``progress/kimg``,
+``speed/img_per_sec``, ``metrics/fid50k``, ``system/node_0/...``: one chart section per group) and every metric
+and image is logged at step = images seen; sample grids are time-stepped images (``log_image(key, step)``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,21 @@ from typing import Any
 from . import storage
 
 DEFAULT_EXPERIMENT = "stylegan_dist"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's model-training view
 
+# Training statistics (loop, sweep, evaluate) -> grouped MLflow metric keys. Keys that hold a "/" already are
+# grouped (loss/G, loss/R1, scores/real, skipped_steps/D, system/...); other names are metric values
+# (fid50k, ppl_wend, ls_z, ...) and go to metrics/.
+_GROUPED = {
+    **{k: f"progress/{k}" for k in ("tick", "kimg", "resolution", "alpha", "lod", "batch", "lr")},
+    **{k: f"speed/{k}" for k in ("img_per_sec", "sec_per_kimg", "sec_per_tick")},
+    "peak_mem_gb": "memory/peak_gb",
+    "eval_seconds": "time/eval_seconds",
+}
+_UNGROUPED = {v: k for k, v in _GROUPED.items()}
+_NOT_LOGGED = {"cur_nimg"}  # the step itself
+_LEGACY_GROUPS = ("loss", "scores", "skipped_steps")  # runs logged before grouping: loss_G, scores_real, ...
 
 class TrackingError(RuntimeError):
     """A tracking location that cannot be used; the message is one sentence."""
@@ -75,18 +94,57 @@ def artifact_location(uri: str, storage_loc: str | None = None) -> str | None:
 
 
 def ensure_experiment(uri: str, name: str, storage_loc: str | None = None) -> str:
-    """The experiment's id, creating it with its artifact location (see :func:`artifact_location`) when new."""
+    """The experiment's id, creating it with its artifact location (see :func:`artifact_location`) when new; new and
+    existing experiments are tagged as model-training experiments."""
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # created before the tag, or by hand
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri, storage_loc))
+        return client.create_experiment(name, artifact_location=artifact_location(uri, storage_loc),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created meanwhile by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def metric_key(name: str) -> str:
+    """The MLflow key of a training statistic: ``kimg`` -> ``progress/kimg``, ``fid50k`` -> ``metrics/fid50k``,
+    ``time_fid50k`` -> ``time/fid50k``; keys with a "/" are kept."""
+    if "/" in name:
+        return name
+    if name in _GROUPED:
+        return _GROUPED[name]
+    if name.startswith("time_"):
+        return "time/" + name[len("time_"):]
+    return "metrics/" + name
+
+
+def stat_name(key: str) -> str:
+    """Inverse of :func:`metric_key` (``metrics/fid50k`` -> ``fid50k``); flat keys of runs logged before the
+    grouping map to the same names (``kimg`` -> ``kimg``, ``loss_G`` -> ``loss/G``)."""
+    if key in _UNGROUPED:
+        return _UNGROUPED[key]
+    group, _, rest = key.partition("/")
+    if rest:
+        if group == "metrics":
+            return rest
+        if group == "time":
+            return "time_" + rest
+        return key
+    for g in _LEGACY_GROUPS:
+        if key.startswith(g + "_"):
+            return f"{g}/{key[len(g) + 1:]}"
+    return key
+
+
+def stat_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A run's latest metric values keyed by statistic name (see :func:`stat_name`)."""
+    return {stat_name(k): v for k, v in metrics.items()}
 
 
 def check_tracking(uri: str) -> None:
@@ -118,9 +176,15 @@ def absolute_uri(uri: str) -> str:
 
 def uri_for_checkpoint(checkpoint: str | Path | None) -> str | None:
     """MLFLOW_TRACKING_URI, else the STORAGE/mlflow.db that training wrote for the run holding ``checkpoint``
-    (STORAGE/RUN/checkpoint_*/ckpt.pt or STORAGE/RUN/checkpoints/ckpt-*.pt); None when there is neither."""
+    (STORAGE/RUN/checkpoint_*/ckpt.pt or STORAGE/RUN/checkpoints/ckpt-*.pt); None when there is neither. For an
+    MLflow model URI (models:/NAME/VERSION), the store beside the default storage, where training registers it."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return absolute_uri(os.environ["MLFLOW_TRACKING_URI"])
+    if isinstance(checkpoint, str) and checkpoint.startswith(("models:/", "runs:/")):
+        try:
+            return resolve_tracking_uri(storage.default_storage(), create=False)
+        except TrackingError:
+            return None
     if checkpoint and storage.local_path(checkpoint) is not None:
         for parent in list(Path(checkpoint).expanduser().resolve().parents)[:4]:
             if (parent / "mlflow.db").is_file():
@@ -168,13 +232,26 @@ class RunLogger:
         self.client = _client(uri)
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Numbers among ``metrics`` (statistic names, see :func:`metric_key`) at ``step`` (images seen)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k.replace("/", "_"), float(v), ts, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        items = [Metric(metric_key(k), float(v), ts, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in _NOT_LOGGED]
         for i in range(0, len(items), 200):
             self.client.log_batch(self.run_id, metrics=items[i:i + 200])
+
+    def log_image(self, image: str | Path | Any, key: str, step: int) -> None:
+        """A time-stepped image (the UI's image panel scrolls through the steps of ``key``): a PNG given as a
+        local path or storage location, or a PIL image / HxWxC uint8 array."""
+        if isinstance(image, (str, Path)):
+            import io
+
+            from PIL import Image
+
+            with Image.open(io.BytesIO(storage.read_bytes(image))) as im:
+                image = im.convert("RGB")
+        self.client.log_image(self.run_id, image, key=key, step=int(step), synchronous=True)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Log a file given as a local path or a storage location (downloaded to a temporary file first)."""

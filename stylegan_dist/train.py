@@ -122,6 +122,35 @@ def check_dataset(data: str | None, cfg: Config) -> dict:
     return manifest
 
 
+_METRIC_FILES = {"inception": ("inception_weights",), "lpips": ("vgg16_weights", "lpips_weights"),
+                 "classifier": ("classifier",)}
+
+
+def absolute_metric_files(cfg: Config) -> Config:
+    """The local paths under ``metrics.*`` made absolute (Ray workers run in Ray's copy of the working directory,
+    where a relative path points nowhere), and the weight files the training-time metrics need checked now rather
+    than at the first metrics tick."""
+    from .config import apply_overrides
+
+    m = cfg.metrics
+    fixed = {}
+    for key in ("data", "cache_dir", "inception_weights", "vgg16_weights", "lpips_weights", "classifier"):
+        value = getattr(m, key)
+        if value and not storage.is_uri(value):
+            fixed[f"metrics.{key}"] = storage.resolve(value)
+    cfg = apply_overrides(cfg, fixed, "metrics paths") if fixed else cfg
+    if cfg.metrics.names.strip():
+        from .metrics.registry import extractors_needed, parse_metric_list
+
+        for need in sorted(extractors_needed(parse_metric_list(cfg.metrics.names))):
+            for key in _METRIC_FILES[need]:
+                value = getattr(cfg.metrics, key)
+                if value and not storage.is_uri(value) and not Path(value).is_file():
+                    raise ConfigError(f"metrics.{key} {value} does not exist (needed by metrics.names "
+                                      f"{cfg.metrics.names}).")
+    return cfg
+
+
 def _run_name(args: argparse.Namespace) -> str:
     name = args.run_name or (Path(args.config).stem if args.config else "stylegan")
     if not name or "/" in name or name.startswith("."):
@@ -164,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--cpus-per-worker must be positive.")
         name = _run_name(args)
         root = storage.check_storage_arg(args.storage)
+        cfg = absolute_metric_files(cfg)
         check_dataset(args.data, cfg)
         args.data = storage.resolve(args.data)
         uri = resolve_tracking_uri(root, create=False)
@@ -264,6 +294,13 @@ def _print_summary(run_dir: str, uri: str, run_id: str, newest: dict | None, fin
     print(f"  checkpoints: {newest['path'] if newest else 'none'} (newest)")
     print(f"  samples:     {samples[-1] if samples else 'none'}")
     print(f"  MLflow run:  {run_id}  ({uri})")
+    from .run_tracking import MODEL_BEST_TAG, MODEL_URI_TAG
+
+    tags = RunLogger(uri, run_id).client.get_run(run_id).data.tags
+    if tags.get(MODEL_URI_TAG):
+        best = tags.get(MODEL_BEST_TAG)
+        also = f" (best FID: {best})" if best and best != tags[MODEL_URI_TAG] else ""
+        print(f"  generator:   {tags[MODEL_URI_TAG]}{also}  (python -m stylegan_dist.generate --model URI ...)")
     print(f"  browse:      {run_url_hint(uri)}")
 
 
@@ -273,6 +310,7 @@ def run_local(args: argparse.Namespace, cfg: Config, root: str, run_dir: str, ur
     from data_pipeline.stream import DatasetError, LocalBatchSource
 
     from .loop import NonFiniteLossError, training_loop
+    from .run_tracking import RunTracker, model_name_for
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -297,18 +335,15 @@ def run_local(args: argparse.Namespace, cfg: Config, root: str, run_dir: str, ur
     run_id = _mlflow_run(args, cfg, root, run_dir, uri, resume and resume.get("extra", {}).get("mlflow_run_id"), 1)
     _log_config(uri, run_id, run_dir, cfg)
     logger = RunLogger(uri, run_id)
-
-    def report(stats, path):
-        logger.log_metrics(stats, step=int(stats["cur_nimg"]))
-        if stats.get("grid"):
-            logger.log_artifact(stats["grid"], "samples")
+    tracker = RunTracker(uri, run_id, cfg, model_name_for(cfg, storage.name(run_dir)))
 
     print(f"Run {storage.name(run_dir)} in this process on {device}; MLflow run {run_id} in {uri}")
     t0 = time.time()
     try:
-        result = training_loop(cfg, source, run_dir, device=device, resume=resume, report=report,
+        result = training_loop(cfg, source, run_dir, device=device, resume=resume,
+                               report=lambda stats, _path: tracker.tick(stats),
                                extra_state={"mlflow_run_id": run_id}, stop_after_ticks=args.max_ticks,
-                               metrics_data=args.data)
+                               metrics_data=args.data, on_generator=tracker.generator)
     except NonFiniteLossError as e:
         logger.terminate("FAILED")
         return fail(str(e), code=1)
@@ -317,6 +352,8 @@ def run_local(args: argparse.Namespace, cfg: Config, root: str, run_dir: str, ur
         print(f"\nInterrupted. Newest checkpoint: {ckpt_mod.latest_checkpoint(ckpt_dir) or 'none yet'}; run the "
               f"same command to continue.", file=sys.stderr)
         return 130
+    finally:
+        tracker.close()
     if result.finished and result.checkpoint is not None:
         logger.log_artifact(result.checkpoint, "checkpoint")
     logger.terminate("FINISHED" if result.finished else "KILLED")

@@ -71,5 +71,26 @@ def test_train_no_ray_writes_checkpoint_grid_and_mlflow(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{storage.resolve() / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("stylegan_dist").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resumed run logged into the same run
-    hist = client.get_metric_history(runs[0].info.run_id, "kimg")
+    hist = client.get_metric_history(runs[0].info.run_id, "progress/kimg")
     assert sorted(m.step for m in hist) == [64, 128, 192, 256]
+
+
+def test_metric_files_made_absolute_and_checked_before_launch(tmp_path, monkeypatch):
+    """Ray workers run in Ray's copy of the working directory: a relative metrics.classifier must reach them
+    absolute, and a missing one is refused before anything is started or written."""
+    from stylegan_dist.config import ConfigError, build_config
+    from stylegan_dist.train import absolute_metric_files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clf.pt").write_bytes(b"x")
+    cfg = absolute_metric_files(build_config(set_args=["metrics.names=fid_shapes", "metrics.classifier=clf.pt",
+                                                       "metrics.cache_dir=cache"]))
+    assert cfg.metrics.classifier == str(tmp_path / "clf.pt") and cfg.metrics.cache_dir == str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match="metrics.classifier .*missing.pt does not exist"):
+        absolute_metric_files(build_config(set_args=["metrics.names=ls", "metrics.classifier=missing.pt"]))
+    # not needed by the configured metrics: not checked
+    absolute_metric_files(build_config(set_args=["metrics.names=ppl_wend", "metrics.classifier=missing.pt"]))
+    r = run("stylegan_dist.train", "--no-ray", "--data", tmp_path, "--storage", tmp_path / "runs", "--set",
+            "metrics.names=fid_shapes", "--set", "metrics.classifier=missing.pt")
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "missing.pt" in r.stderr
+    assert not (tmp_path / "runs").exists()

@@ -29,7 +29,7 @@ def _sweep(uri: str, experiment: str = "t4", with_paper: bool = True) -> dict:
         for tick, nimg in enumerate((64, 128, 192, 128)):  # the last tick repeats step 128 (a resumed run)
             if fid is None and nimg > 128:
                 break
-            log.log_metrics({"kimg": nimg / 1000, "loss_G": 1.0 / (tick + 1), "loss_D": 0.5, "sec_per_tick": 10.0},
+            log.log_metrics({"kimg": nimg / 1000, "loss/G": 1.0 / (tick + 1), "loss/D": 0.5, "sec_per_tick": 10.0},
                             step=nimg)
         if fid is not None:
             log.log_metrics({"fid50k": fid, **({"ppl_wend": ppl} if ppl else {})}, step=192)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_config
+from conftest import ROOT, image_steps, tiny_config
 
 from stylegan_dist import figures
 from stylegan_dist.metrics import metrics_due, run_training_metrics, with_metrics
@@ -65,13 +65,15 @@ def test_evaluate_logs_every_metric_to_the_mlflow_run(setup, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "Summary" in r.stdout and "Logged" in r.stdout
     keys = ["fid50k", "ppl_zfull", "ppl_wfull", "ppl_zend", "ppl_wend", "ls_z", "ls_w"]
-    logged = MlflowClient(uri).get_run(run_id).data.metrics
-    assert set(keys) <= set(logged) and "time_fid50k" in logged
+    grouped = MlflowClient(uri).get_run(run_id).data.metrics
+    assert "time/fid50k" in grouped and all(k.startswith(("metrics/", "time/")) for k in grouped)
+    logged = {k[len("metrics/"):]: v for k, v in grouped.items() if k.startswith("metrics/")}
+    assert set(keys) <= set(logged)
     params = MlflowClient(uri).get_run(run_id).data.params  # the protocol each metric used
     assert params["protocol.fid50k.mirror"] == "True"  # the checkpoint's run mirrored (train.mirror default)
     assert params["protocol.fid50k.reals"].startswith("8 ") and params["protocol.ppl_wend.crop"] == "True"
     assert params["protocol.ls.precision"] == "fp32 (TF32 off)"
-    hist = MlflowClient(uri).get_metric_history(run_id, "ppl_wend")
+    hist = MlflowClient(uri).get_metric_history(run_id, "metrics/ppl_wend")
     assert [m.step for m in hist] == [CUR_NIMG]
     res = json.loads(out.read_text())
     values = {k: v for m in res["results"] for k, v in m["results"].items()}
@@ -80,11 +82,11 @@ def test_evaluate_logs_every_metric_to_the_mlflow_run(setup, tmp_path):
     assert values["fid50k"] > 0 and all(values[k] > 0 for k in keys[1:5]) and values["ls_z"] >= 1.0
     assert list((tmp_path / "cache").glob("fid-reals-*.npz"))
 
-    # Figures go to the same run as artifacts.
+    # Figures go to the same run as time-stepped images at the checkpoint's step, beside the sample grids.
     rc = figures.main(["truncation", "--checkpoint", str(setup["ckpt"]), "--out", str(tmp_path / "t.png"),
                        "--device", "cpu", "--cell", "32", "--mlflow-run", run_id, "--tracking-uri", uri])
     assert rc == 0
-    assert [a.path for a in MlflowClient(uri).list_artifacts(run_id, "figures")] == ["figures/t.png"]
+    assert image_steps(MlflowClient(uri), run_id, "figures/truncation") == [CUR_NIMG]
 
 
 @pytest.mark.slow

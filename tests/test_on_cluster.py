@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_RUN, ray_env
+from conftest import ROOT, TINY_RUN, image_steps, ray_env
 from services import MlflowServer, Postgres, RayCluster, free_port, wait_for
 
 from stylegan_dist import storage
@@ -107,7 +107,7 @@ def _job_logs(cluster: RayCluster, sid: str) -> str:
     return r.stdout + r.stderr
 
 
-def _steps(client, run_id: str, key: str = "kimg") -> list[int]:
+def _steps(client, run_id: str, key: str = "progress/kimg") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
@@ -152,13 +152,32 @@ def test_job_on_two_nodes_with_object_storage_and_tracking_server(stack):
     assert run.info.status == "FINISHED" and run.data.params["storage"] == "s3://bucket/runs"
     assert max(_steps(client, run.info.run_id)) == ckpts[-1]["cur_nimg"]
     assert run.data.params["model.resolution"] == str(_demo_resolution())
-    assert client.get_metric_history(run.info.run_id, "loss_G")
+    assert client.get_metric_history(run.info.run_id, "loss/G")
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
-    grids = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    assert grids and all(g.endswith(".png") for g in grids)
+    steps = _steps(client, run.info.run_id)
+    assert image_steps(client, run.info.run_id, "samples") == steps  # the grids, as time-stepped images
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "images")
+             if a.path.startswith("images/samples+step+") and a.path.endswith(".png")]
     local = client.download_artifacts(run.info.run_id, grids[-1], str(stack["tmp"]))
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(k.endswith(grids[-1]) for k in s3.keys("bucket", "mlflow/"))
+    # system metrics from local rank 0 of each of the two nodes, at the training's steps
+    for node in ("node_0", "node_1"):
+        cpu = client.get_metric_history(run.info.run_id, f"system/{node}/cpu_utilization_percentage")
+        assert sorted(m.step for m in cpu) == steps, node
+    # G_ema registered through the server (artifacts in the bucket) and loadable from it by name
+    version = client.get_model_version("s3run", "1")
+    assert version.run_id == run.info.run_id and run.data.tags["model.uri"] == "models:/s3run/1"
+    import numpy as np
+    from mlflow import pyfunc  # (the fixture's server is the local name "mlflow")
+
+    from stylegan_dist.mlflow_model import _tracking
+
+    with _tracking(mlflow.url):
+        model = pyfunc.load_model("models:/s3run/1")
+    res = int(version.tags["resolution"])  # where the shortened schedule ended
+    z = np.random.RandomState(0).randn(2, model.metadata.get_input_schema().inputs[0].shape[1]).astype(np.float32)
+    assert model.predict(z).shape[1:] == (3, res, res)
 
 
 def test_node_failure_resumes_on_the_remaining_node(stack):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN
+from conftest import ROOT, TINY_RUN, image_steps
 
 from stylegan_dist.ray_train import run_checkpoints
 
@@ -58,17 +58,61 @@ def test_train_on_cluster(cluster, dataset, run_config, tmp_path, workers):
     run = client.get_run(metas[0]["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["model.resolution"] == "16" and run.data.params["workers"] == str(workers)
-    kimg = client.get_metric_history(run.info.run_id, "kimg")
+    kimg = client.get_metric_history(run.info.run_id, "progress/kimg")
     assert len(kimg) >= 4 and max(m.value for m in kimg) == pytest.approx(0.32)
-    res = {m.value for m in client.get_metric_history(run.info.run_id, "resolution")}
+    res = {m.value for m in client.get_metric_history(run.info.run_id, "progress/resolution")}
     assert res == {8.0, 16.0}
-    for key in ("loss_G", "loss_D", "loss_R1", "img_per_sec", "sec_per_kimg", "peak_mem_gb", "alpha"):
+    for key in ("loss/G", "loss/D", "loss/R1", "speed/img_per_sec", "speed/sec_per_kimg", "memory/peak_gb",
+                "progress/alpha", "progress/lod", "scores/real", "skipped_steps/D"):
         assert client.get_metric_history(run.info.run_id, key), key
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert any(a.endswith(".png") for a in artifacts)
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "samples", "checkpoint"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "images", "checkpoint"}
     # the batch per tick follows the schedule times the number of workers
-    assert {m.value for m in client.get_metric_history(run.info.run_id, "batch")} == {8.0 * workers}
+    assert {m.value for m in client.get_metric_history(run.info.run_id, "progress/batch")} == {8.0 * workers}
+    # for the UI: sample grids as time-stepped images and the node's system metrics, at the same steps (images seen)
+    steps = sorted(m.step for m in kimg)
+    assert image_steps(client, run.info.run_id, "samples") == steps
+    cpu = client.get_metric_history(run.info.run_id, "system/node_0/cpu_utilization_percentage")
+    assert sorted(m.step for m in cpu) == steps  # local rank 0 of the node only: one value per tick
+    assert not [k for k in run.data.metrics if k.startswith("system/") and not k.startswith("system/node_0/")]
+    # G_ema registered under the run's name at the end, loadable by MLflow and by our commands
+    assert run.data.tags["model.uri"] == f"models:/w{workers}/1" and f"models:/w{workers}/1" in r.stdout
+    version = client.get_model_version(f"w{workers}", "1")
+    assert version.run_id == run.info.run_id and version.tags["kimg"] == "0.32"
+    import mlflow.pyfunc
+    import numpy as np
+
+    from stylegan_dist.mlflow_model import _tracking
+
+    with _tracking(f"sqlite:///{storage.resolve() / 'mlflow.db'}"):
+        model = mlflow.pyfunc.load_model(f"models:/w{workers}/1")
+    assert [s.shape for s in model.metadata.get_input_schema().inputs] == [(-1, 16)]
+    images = model.predict(np.random.RandomState(1).randn(2, 16).astype(np.float32))
+    assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all()
+    g = subprocess.run([sys.executable, "-m", "stylegan_dist.generate", "--model", f"models:/w{workers}/1",
+                        "--seeds", "0-3", "--out", str(tmp_path / "gen.png"), "--device", "cpu"],
+                       env=dict(os.environ, STYLEGAN_DIST_STORAGE=str(storage)), cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert g.returncode == 0 and "at 16x16 (kimg 0.3" in g.stdout, g.stderr[-3000:]
+    assert (tmp_path / "gen.png").read_bytes()[:4] == b"\x89PNG"
+    if workers == 1:
+        return
+    # figures and evaluate take the registered model too, and log into its training run at its step
+    env = dict(os.environ, STYLEGAN_DIST_STORAGE=str(storage))
+    f = subprocess.run([sys.executable, "-m", "stylegan_dist.figures", "all", "--model", "models:/w2/1", "--outdir",
+                        str(tmp_path / "figs"), "--samples", "4", "--cell", "16", "--device", "cpu"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert f.returncode == 0, f.stderr[-3000:]
+    for key in ("figures/style_mixing", "figures/noise", "figures/truncation"):
+        assert image_steps(client, run.info.run_id, key) == [320], key
+    from stylegan_dist.metrics.testing import write_random_weight_files
+
+    w = write_random_weight_files(tmp_path / "weights")
+    e = subprocess.run([sys.executable, "-m", "stylegan_dist.evaluate", "--model", "models:/w2/1", "--metrics",
+                        "ppl_wend", "--num", "4", "--batch", "4", "--no-ray", "--device", "cpu", "--vgg16",
+                        str(w["vgg16"]), "--lpips", str(w["lpips"])], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert e.returncode == 0, e.stderr[-3000:]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "metrics/ppl_wend")] == [320]
 
 
 def test_killed_worker_resumes_from_checkpoint(cluster, dataset, run_config, tmp_path):
@@ -95,7 +139,7 @@ def test_killed_worker_resumes_from_checkpoint(cluster, dataset, run_config, tmp
     assert {m["mlflow_run_id"] for m in metas + first} == {first[0]["mlflow_run_id"]}
     # the restarted workers continued from a checkpoint, not from zero: no tick repeated kimg 0.064
     client = _mlflow(storage)
-    steps = [m.step for m in client.get_metric_history(first[0]["mlflow_run_id"], "kimg")]
+    steps = [m.step for m in client.get_metric_history(first[0]["mlflow_run_id"], "progress/kimg")]
     assert steps.count(64) == 1 and max(steps) == 640
     assert len(client.search_runs([client.get_experiment_by_name("stylegan_dist").experiment_id])) == 1
 

@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ray_env
+from conftest import ROOT, image_steps, ray_env
 from services import free_port
 
 from stylegan_dist.ray_train import run_checkpoints
@@ -77,23 +77,23 @@ def test_smoke_sweep_job(smoke):
     for r in children:
         assert r.info.status == "FINISHED" and r.data.tags["sweep.status"] == "finished"
         assert r.data.params["model.resolution"] == "16" and r.data.params["workers"] == "1"
-        kimg = client.get_metric_history(r.info.run_id, "kimg")
+        kimg = client.get_metric_history(r.info.run_id, "progress/kimg")
         assert len(kimg) == 3 and max(m.value for m in kimg) == pytest.approx(0.192)
-        assert {m.value for m in client.get_metric_history(r.info.run_id, "resolution")} == {8.0, 16.0}
-        assert client.get_metric_history(r.info.run_id, "loss_G")
-        fid = client.get_metric_history(r.info.run_id, "fid50k")  # evaluated once, at the end
+        assert {m.value for m in client.get_metric_history(r.info.run_id, "progress/resolution")} == {8.0, 16.0}
+        assert client.get_metric_history(r.info.run_id, "loss/G")
+        fid = client.get_metric_history(r.info.run_id, "metrics/fid50k")  # evaluated once, at the end
         assert [m.step for m in fid] == [192] and math.isfinite(fid[0].value) and fid[0].value > 0
-        ppl = client.get_metric_history(r.info.run_id, "ppl_wend")  # every tick during training (weights injected)
+        ppl = client.get_metric_history(r.info.run_id, "metrics/ppl_wend")  # every tick during training
         assert sorted(m.step for m in ppl) == [64, 128, 192] and all(math.isfinite(m.value) for m in ppl)
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "eval_seconds")] == [192]
-        samples = [a.path for a in client.list_artifacts(r.info.run_id, "samples")]
-        assert len(samples) == 3 and all(p.endswith(".png") for p in samples)
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "time/eval_seconds")] == [192]
+        assert image_steps(client, r.info.run_id, "samples") == [64, 128, 192]
         # the trial's Ray Train run lives under the sweep, with its MLflow run id and result next to it
         tdir = Path(r.data.tags["run_dir"])
         assert tdir.parent == storage / "smoke" / "trials"
         assert (tdir / "mlflow_run_id").read_text().strip() == r.info.run_id
         result = json.loads((tdir / "result.json").read_text())
-        assert result["metrics"]["fid50k"] == pytest.approx(r.data.metrics["fid50k"]) and result["kimg"] == 0.192
+        assert result["metrics"]["fid50k"] == pytest.approx(r.data.metrics["metrics/fid50k"])
+        assert result["kimg"] == 0.192
         assert result["metrics"]["ppl_wend"] == pytest.approx(max(ppl, key=lambda m: m.step).value)
         assert r.data.params["metrics.vgg16_weights"].endswith("vgg16-random.pth")
     logged = {a.path for a in client.list_artifacts(parent, "comparison")}
@@ -115,7 +115,7 @@ def test_compare_prints_two_rows(smoke, tmp_path):
     with open(tmp_path / "out" / "comparison.csv") as f:
         table = list(csv.DictReader(f))
     client, _, children = _sweep_runs(smoke["storage"], "smoke")
-    fids = {r.data.params["generator.mixing_prob"]: r.data.metrics["fid50k"] for r in children}
+    fids = {r.data.params["generator.mixing_prob"]: r.data.metrics["metrics/fid50k"] for r in children}
     assert {row["generator.mixing_prob"]: float(row["fid50k"]) for row in table} == pytest.approx(fids)
     assert all(float(row["kimg"]) == 0.192 and row["status"] == "finished" for row in table)
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
@@ -156,6 +156,8 @@ def test_mlflow_server_rest_api(smoke, tmp_path):
             assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.5)
         exp = _rest(base, "experiments/get-by-name?experiment_name=smoke")["experiment"]
+        # shown in MLflow 3's model-training view, not the GenAI one
+        assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
         runs = _rest(base, "runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 100})["runs"]
         tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
         parent = [r for r, t in zip(runs, tags) if t.get("sweep.role") == "parent"]
@@ -167,14 +169,40 @@ def test_mlflow_server_rest_api(smoke, tmp_path):
             assert t["mlflow.parentRunId"] == pid and run["info"]["status"] == "FINISHED"
             params = {p["key"]: p["value"] for p in run["data"]["params"]}
             assert params["model.resolution"] == "16" and params["generator.mixing_prob"] in ("0.0", "0.9")
+            # the row of the paper's Table 2 the trial reproduces
+            assert (t["sweep.paper_row"], t["paper.row"]) in (("0", "E 0%"), ("0.9", "F 90%"))
             metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-            assert metrics["kimg"] == pytest.approx(0.192) and "fid50k" in metrics and "loss_G" in metrics
-            q = urllib.parse.urlencode({"run_id": rid, "metric_key": "kimg"})
-            hist = _rest(base, f"metrics/get-history?{q}")["metrics"]
-            assert sorted(int(m["step"]) for m in hist) == [64, 128, 192]
-            q = urllib.parse.urlencode({"run_id": rid, "path": "samples"})
-            files = _rest(base, f"artifacts/list?{q}").get("files", [])
-            assert len([f for f in files if f["path"].endswith(".png")]) == 3
+            assert metrics["progress/kimg"] == pytest.approx(0.192) and "metrics/fid50k" in metrics
+            assert {"loss/G", "loss/D", "loss/R1", "speed/img_per_sec", "metrics/ppl_wend"} <= set(metrics)
+            # every key in a group: the UI draws one chart section per prefix
+            assert {k.split("/")[0] for k in metrics} <= {"loss", "scores", "skipped_steps", "progress", "speed",
+                                                         "memory", "metrics", "time", "system"}, sorted(metrics)
+            for key in ("progress/kimg", "system/node_0/cpu_utilization_percentage",
+                        "system/node_0/system_memory_usage_megabytes"):
+                q = urllib.parse.urlencode({"run_id": rid, "metric_key": key})
+                hist = _rest(base, f"metrics/get-history?{q}")["metrics"]
+                assert sorted(int(m["step"]) for m in hist) == [64, 128, 192], key  # one step axis: images seen
+            # sample grids as time-stepped images
+            q = urllib.parse.urlencode({"run_id": rid, "path": "images"})
+            files = [f["path"] for f in _rest(base, f"artifacts/list?{q}").get("files", [])]
+            steps = sorted(int(p.split("+step+")[1].split("+")[0]) for p in files
+                           if p.startswith("images/samples+step+") and p.endswith(".png"))
+            assert steps == [64, 128, 192], files
+            assert t["mlflow.loggedImages"].lower() == "true"
+        # each trial's G_ema is a version of the registered model named after the sweep
+        versions = _rest(base, "model-versions/search?" + urllib.parse.urlencode({"filter": "name='smoke'"}))
+        versions = versions["model_versions"]
+        assert sorted(v["run_id"] for v in versions) == sorted(r["info"]["run_id"] for r, _ in children)
+        import mlflow.pyfunc
+        import numpy as np
+
+        from stylegan_dist.mlflow_model import _tracking
+
+        with _tracking(base):
+            model = mlflow.pyfunc.load_model(f"models:/smoke/{versions[0]['version']}")
+        z = np.random.RandomState(0).randn(3, 16).astype(np.float32)
+        images = model.predict(z)
+        assert images.shape == (3, 3, 16, 16) and np.isfinite(images).all() and np.abs(images).max() > 0
         q = urllib.parse.urlencode({"run_id": pid, "path": "comparison"})
         names = {f["path"] for f in _rest(base, f"artifacts/list?{q}")["files"]}
         assert "comparison/comparison.md" in names and "comparison/metrics_vs_paper.png" in names
@@ -228,7 +256,7 @@ def test_interrupted_sweep_continues(cluster, dataset, tmp_path):
     by_dir = {Path(r.data.tags["run_dir"]).name: r for r in children}
     assert by_dir[unfinished.name].info.status == "KILLED"
     assert by_dir[unfinished.name].data.tags["sweep.status"] == "interrupted"
-    finished_points = len(client.get_metric_history(by_dir[finished.name].info.run_id, "kimg"))
+    finished_points = len(client.get_metric_history(by_dir[finished.name].info.run_id, "progress/kimg"))
 
     second = subprocess.run(_sweep_cmd(dataset, storage), env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=400)
@@ -246,10 +274,10 @@ def test_interrupted_sweep_continues(cluster, dataset, tmp_path):
     assert [p.info.run_id for p in parents2] == [p.info.run_id for p in parents]  # the same parent run, reused
     assert parents2[0].info.status == "FINISHED"
     assert sorted(r.info.run_id for r in children2) == sorted(r.info.run_id for r in children)  # no new trial runs
-    assert len(client.get_metric_history(by_dir[finished.name].info.run_id, "kimg")) == finished_points
+    assert len(client.get_metric_history(by_dir[finished.name].info.run_id, "progress/kimg")) == finished_points
     # the unfinished trial continued in its own MLflow run from its checkpoint, not from zero
     resumed = client.get_run(by_dir[unfinished.name].info.run_id)
     assert resumed.info.status == "FINISHED" and resumed.data.tags["sweep.status"] == "finished"
-    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "kimg")]
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "progress/kimg")]
     assert steps.count(64) == 1 and max(steps) == 640
     assert json.loads((unfinished / "result.json").read_text())["cur_nimg"] == 640

@@ -19,7 +19,8 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return absolute_uri(uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
 
 
-def _logger(run_id: str, uri: str | None):
+def run_logger(run_id: str, uri: str | None):
+    """A ``RunLogger`` for an existing run, or MetricError (one sentence)."""
     try:
         from ..tracking import RunLogger, run_exists
     except ImportError:
@@ -34,16 +35,16 @@ def _logger(run_id: str, uri: str | None):
 
 def check_run(run_id: str, uri: str | None = None) -> None:
     """Raise MetricError (one sentence) unless the run exists in the tracking store."""
-    _logger(run_id, uri)
+    run_logger(run_id, uri)
 
 
 def log_metrics(run_id: str, values: dict[str, float], step: int = 0, uri: str | None = None) -> None:
-    _logger(run_id, uri).log_metrics(values, step=int(step))
+    run_logger(run_id, uri).log_metrics(values, step=int(step))
 
 
 def log_artifacts(run_id: str, paths: list[str | Path], artifact_path: str = "figures", uri: str | None = None
                   ) -> None:
-    logger = _logger(run_id, uri)
+    logger = run_logger(run_id, uri)
     for p in paths:
         logger.log_artifact(p, artifact_path)
 
@@ -54,7 +55,7 @@ def log_protocol(run_id: str, protocol: dict[str, str], uri: str | None = None) 
     goes to a tag of the same name, which shows the latest."""
     from ..tracking import log_params
 
-    logger = _logger(run_id, uri)
+    logger = run_logger(run_id, uri)
     have = logger.client.get_run(run_id).data.params
     new = {k: v for k, v in protocol.items() if k not in have}
     if new:
