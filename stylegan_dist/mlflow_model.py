@@ -15,7 +15,6 @@ also moves the alias ``best`` to it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import os
 from collections.abc import Iterator
@@ -65,7 +64,7 @@ def export_generator(G_ema: torch.nn.Module, cfg: Any, cur_nimg: int, run_id: st
     from .schedule import phase_at
 
     G = build_generator(cfg)
-    G.load_state_dict({k: v.detach().cpu() for k, v in copy.copy(G_ema.state_dict()).items()})
+    G.load_state_dict(G_ema.state_dict())  # copies into the new CPU tensors
     G = G.eval().requires_grad_(False)
     phase = phase_at(cfg, cur_nimg)
     return ExportedGenerator(G, to_dict(cfg), cur_nimg, phase.resolution, phase.alpha,

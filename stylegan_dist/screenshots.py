@@ -199,7 +199,7 @@ class Page:
     route: str  # after "#/"
     expect: list[str]  # texts the page must show
     charts: int = 0  # at least this many rendered charts
-    note: str = ""
+    metrics: list[str] = field(default_factory=list)  # compare page: the metrics its plots show
     texts: dict[str, str] = field(default_factory=dict)
 
 
@@ -211,7 +211,7 @@ class Target:
     run_name: str
     image_steps: list[int]
     model: tuple[str, str] | None  # (name, version)
-    sweep: tuple[str, list[str]] | None = None  # (experiment id, trial run ids)
+    sweep: tuple[str, list[str], list[str]] | None = None  # (experiment id, trial run ids, evaluated metrics)
 
 
 def find_target(tracking_uri: str, experiment: str, run_name: str | None, sweep_experiment: str | None) -> Target:
@@ -241,12 +241,13 @@ def find_target(tracking_uri: str, experiment: str, run_name: str | None, sweep_
         sexp = client.get_experiment_by_name(sweep_experiment)
         if sexp is None:
             raise ScreenshotError(f"No MLflow experiment named '{sweep_experiment}' in {tracking_uri}.")
-        trials = [r.info.run_id for r in client.search_runs([sexp.experiment_id])
-                  if r.data.tags.get("sweep.role") == "trial"]
+        runs = [r for r in client.search_runs([sexp.experiment_id]) if r.data.tags.get("sweep.role") == "trial"]
+        trials = [r.info.run_id for r in runs]
+        evaluated = sorted({k for r in runs for k in r.data.metrics if k.startswith("metrics/")})
         if len(trials) < 2:
             raise ScreenshotError(f"Sweep experiment '{sweep_experiment}' has {len(trials)} trial run(s); the "
                                   f"comparison needs two.")
-        sweep = (sexp.experiment_id, trials)
+        sweep = (sexp.experiment_id, trials, evaluated[:3])
     return Target(exp.experiment_id, run.info.run_id, run.info.run_name, steps, model, sweep)
 
 
@@ -261,12 +262,16 @@ def pages_for(t: Target) -> list[Page]:
         name, version = t.model
         pages.append(Page("model", f"models/{urllib.parse.quote(name)}?{ML_VIEW}", [name, f"Version {version}"]))
     if t.sweep is not None:
-        exp_id, trials = t.sweep
+        exp_id, trials, metrics = t.sweep
         q = urllib.parse.urlencode({"runs": json.dumps(trials), "experiments": json.dumps([exp_id])})
-        pages.append(Page("sweep-compare", f"compare-runs?{q}&{ML_VIEW}", ["Parallel Coordinates Plot"], charts=1))
+        pages.append(Page("sweep-compare", f"compare-runs?{q}&{ML_VIEW}", ["Parallel Coordinates Plot"], charts=1,
+                          metrics=metrics))
     return pages
 
 
+_FOCUS_METRICS = """(() => { const box = [...document.querySelectorAll('input[role=combobox]')]
+    .filter(i => i.getBoundingClientRect().width > 0)[1]; if (!box) return false; box.focus(); box.click();
+    return true; })()"""  # the second select of the compare page: Metrics
 _CLOSE_ASSISTANT = """(() => { const b = [...document.querySelectorAll('button[aria-label=Close]')]
     .filter(b => b.getBoundingClientRect().left > window.innerWidth * 0.6); b.forEach(x => x.click());
     return b.length; })()"""
@@ -282,6 +287,20 @@ async def _capture(browser: Browser, base: str, page: Page, out: Path, settle: f
         await asyncio.sleep(1)
     if page.charts:
         await browser.wait_for(f"a chart on the {page.name} page", f"{CHART_JS} >= {page.charts}", timeout)
+    if page.metrics:  # the compare page picks some metric; show the evaluated ones instead
+        if not await browser.js(_FOCUS_METRICS):
+            raise ScreenshotError(f"The {page.name} page has no Metrics box to choose {page.metrics[0]} in.")
+        for _ in range(8):  # Backspace in an empty multi-select removes its last choice
+            await browser.key("Backspace", "Backspace", 8)
+        for name in page.metrics:
+            await browser.js(_FOCUS_METRICS)
+            await browser.call("Input.insertText", text=name)
+            await asyncio.sleep(1)
+            await browser.key("Enter", "Enter", 13)
+            await asyncio.sleep(1)
+        await browser.key("Escape", "Escape", 27)
+        await browser.wait_for(f"{page.metrics[0]} in the {page.name} plot",
+                               f"document.body.innerText.includes({json.dumps(page.metrics[0])})", timeout)
     await asyncio.sleep(settle)  # charts animate in
     await browser.screenshot(out / f"{page.name}.png")
     text = await browser.text()

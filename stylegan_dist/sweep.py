@@ -178,17 +178,13 @@ def resolve_weights(spec: SweepSpec) -> dict[str, str]:
     """Locations (absolute paths or storage URIs) of the weight files the sweep's metrics need, checked now (on
     the driver), so a missing file fails before hours of training. The locations travel to the trials explicitly:
     Ray workers do not see the driver's environment variables; a URI is copied locally by each node."""
-    from .metrics.registry import MetricError
+    from .metrics.registry import MetricError, extractors_needed
     from .metrics.weights import locate_weight
 
+    files = {"inception": {"inception"}, "lpips": {"vgg16", "lpips"}, "classifier": {"classifier"}}
     needed = set()
-    for m in set(spec.evaluate.metrics) | spec.training_metrics():
-        if m.startswith("fid"):
-            needed.add("inception")
-        elif m.startswith("ppl"):
-            needed |= {"vgg16", "lpips"}
-        elif m == "ls":
-            needed.add("classifier")
+    for extractor in extractors_needed(sorted(set(spec.evaluate.metrics) | spec.training_metrics())):
+        needed |= files[extractor]  # the registry's own list: fid_shapes reads the classifier, not Inception
     out = {}
     for key in sorted(needed):
         try:

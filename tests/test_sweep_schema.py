@@ -247,3 +247,18 @@ def test_asha_scheduler_is_built_from_the_file(tmp_path, monkeypatch):
     assert type(sched).__name__ == "AsyncHyperBandScheduler" and sched.metric == "fid50k"
     assert os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] == "1"  # ticks without FID must not fail the trial
     assert _make_scheduler(load_sweep(SWEEPS / "smoke.yaml"), 1.0) is None
+
+
+def test_weights_checked_are_those_the_metrics_load(tmp_path, monkeypatch):
+    """fid_shapes and ls read the shapes classifier only; fid50k the Inception file: each missing one is named."""
+    from stylegan_dist.sweep import resolve_weights
+
+    monkeypatch.setenv("STYLEGAN_WEIGHTS_DIR", str(tmp_path / "none"))
+    clf = tmp_path / "clf.pt"
+    clf.write_bytes(b"x")
+    spec = load_sweep(SWEEPS / "smoke.yaml", ["evaluate.metrics=[fid_shapes, ls]",
+                                             f"evaluate.weights={{classifier: {clf}}}"])
+    assert resolve_weights(spec) == {"classifier": str(clf)}
+    spec = load_sweep(SWEEPS / "smoke.yaml", ["evaluate.metrics=[fid50k]", f"evaluate.weights={{classifier: {clf}}}"])
+    with pytest.raises(SweepError, match="Inception"):
+        resolve_weights(spec)
