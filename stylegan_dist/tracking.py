@@ -12,10 +12,11 @@ store, the storage URI's ``mlartifacts/`` for a database with object-store runs,
 server), never the current directory. Everything goes through ``MlflowClient`` with an explicit run id, so no
 global "active run" state crosses process boundaries.
 
-What the UI shows: experiments carry ``mlflow.experimentKind = custom_model_development`` (MLflow 3 opens them in
-its model-training view, not the GenAI one); metric keys are grouped with "/" (``loss/G``, ``progress/kimg``,
-``speed/img_per_sec``, ``metrics/fid50k``, ``system/node_0/...``: one chart section per group) and every metric
-and image is logged at step = images seen; sample grids are time-stepped images (``log_image(key, step)``).
+What the UI shows: experiments carry ``mlflow.experimentKind = custom_model_development`` (MLflow 3 lists their runs
+as training runs, not GenAI evaluation runs; its side bar's "Model training" mode is a per-browser choice); metric
+keys are grouped with "/" (``loss/G``, ``progress/kimg``, ``speed/img_per_sec``, ``metrics/fid50k``,
+``system/node_0/...``: one chart section per group) and every metric and image is logged at step = images seen;
+sample grids are time-stepped images (``log_image(key, step)``).
 """
 
 from __future__ import annotations
