@@ -217,6 +217,8 @@ class Target:
 def find_target(tracking_uri: str, experiment: str, run_name: str | None, sweep_experiment: str | None) -> Target:
     from mlflow.tracking import MlflowClient
 
+    from .tracking import image_steps
+
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -228,9 +230,7 @@ def find_target(tracking_uri: str, experiment: str, run_name: str | None, sweep_
     if not runs:
         raise ScreenshotError(f"Experiment '{experiment}' has no run" + (f" named '{run_name}'." if run_name else "."))
     run = runs[0]
-    prefix = "images/samples+step+"
-    steps = sorted(int(a.path[len(prefix):].split("+")[0]) for a in client.list_artifacts(run.info.run_id, "images")
-                   if a.path.startswith(prefix) and a.path.endswith(".png"))
+    steps = image_steps(client, run.info.run_id, "samples")
     model = None
     uri = run.data.tags.get("model.uri", "")
     if uri.startswith("models:/"):

@@ -270,6 +270,14 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def image_steps(client, run_id: str, key: str) -> list[int]:
+    """The steps at which a time-stepped image ``key`` was logged (``MlflowClient.log_image(key=, step=)`` names its
+    files ``images/<key, / as ~>+step+<step>+...``)."""
+    prefix = f"images/{key.replace('/', '~')}+step+"
+    return sorted(int(a.path[len(prefix):].split("+")[0]) for a in client.list_artifacts(run_id, "images")
+                  if a.path.startswith(prefix) and a.path.endswith(".png"))
+
+
 def run_url_hint(uri: str) -> str:
     if uri.startswith("sqlite:///"):
         return f"mlflow ui --backend-store-uri {uri}"

@@ -56,13 +56,6 @@ train: {checkpoint_kimg: 0.06, grid_size: 4}
 """
 
 
-def image_steps(client, run_id: str, key: str) -> list[int]:
-    """Steps of a time-stepped image key (``MlflowClient.log_image(key=, step=)``), from the artifact names."""
-    files = [a.path for a in client.list_artifacts(run_id, "images")]
-    prefix = f"images/{key.replace('/', '~')}+step+"
-    return sorted(int(p[len(prefix):].split("+")[0]) for p in files if p.startswith(prefix) and p.endswith(".png"))
-
-
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

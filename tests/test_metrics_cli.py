@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, image_steps, tiny_config
+from conftest import ROOT, tiny_config
 
 from stylegan_dist import figures
 from stylegan_dist.metrics import metrics_due, run_training_metrics, with_metrics
 from stylegan_dist.metrics.classifier import save_classifier, train_classifier
 from stylegan_dist.metrics.testing import make_synthetic_dataset, write_checkpoint, write_random_weight_files
 from stylegan_dist.networks import build_generator
+from stylegan_dist.tracking import image_steps
 
 CUR_NIMG = 10**8  # far past the schedule's growth: the final resolution
 

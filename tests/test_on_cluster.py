@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_RUN, image_steps, ray_env
+from conftest import ROOT, TINY_RUN, ray_env
 from services import MlflowServer, Postgres, RayCluster, free_port, wait_for
 
 from stylegan_dist import storage
 from stylegan_dist.ray_train import run_checkpoints
+from stylegan_dist.tracking import image_steps
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

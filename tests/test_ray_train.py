@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, image_steps
+from conftest import ROOT, TINY_RUN
 
 from stylegan_dist.ray_train import run_checkpoints
+from stylegan_dist.tracking import image_steps
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -16,10 +16,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, image_steps, ray_env
+from conftest import ROOT, ray_env
 from services import free_port
 
 from stylegan_dist.ray_train import run_checkpoints
+from stylegan_dist.tracking import image_steps
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

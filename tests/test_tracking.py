@@ -40,10 +40,10 @@ def test_experiments_are_model_training_experiments(store):
 
 
 def test_run_logger_groups_keys_and_logs_stepped_images(store, tmp_path):
-    from conftest import image_steps
     from mlflow.tracking import MlflowClient
 
     from stylegan_dist.images import save_png
+    from stylegan_dist.tracking import image_steps
 
     run = tracking.create_run(store, "e", "r", {})
     log = tracking.RunLogger(store, run)
