@@ -18,6 +18,9 @@ label           kind         values
 ``orientation`` continuous   rotation in degrees, uniform in [0, 90)
 ==============  ===========  =====================================================================
 
+``--rotation DEG`` draws orientations in [0, DEG) instead; ``--rotation 0`` draws every shape upright and
+stores no orientation label (every other factor and the texture of image i stay the same).
+
 The stochastic part (not a label) is per-image random texture: a smooth random brightness field on
 the background (amplitude ~12/255) and fine grain on the object (~10/255). Shapes are rendered with
 4x4 (R <= 64), 2x2 (R <= 256) or no supersampling at R and every lower level is made by the same 2x2
@@ -69,7 +72,19 @@ for _s in LABEL_SPEC:
     _s["source_name"] = _s["name"]
 
 
-def draw_factors(seed: int, index: int) -> tuple[dict[str, Any], np.random.Generator]:
+def label_spec(rotation: float = ORIENTATION_RANGE[1]) -> list[dict[str, Any]]:
+    """The stored labels for a dataset whose orientations lie in [0, rotation); none for rotation 0 (upright)."""
+    spec = [dict(s) for s in LABEL_SPEC if s["name"] != "orientation" or rotation > 0]
+    for s in spec:
+        if s["name"] == "orientation":
+            s["range"] = [0.0, float(rotation)]
+    return spec
+
+
+def draw_factors(seed: int, index: int,
+                 rotation: float = ORIENTATION_RANGE[1]) -> tuple[dict[str, Any], np.random.Generator]:
+    """The factors of image ``index``; orientation uniform in [0, rotation) degrees. Rotation 0 leaves the
+    orientation out (every shape upright) and every other factor and the texture as they are with rotation 90."""
     rng = np.random.default_rng([int(seed), int(index)])
     f = {
         "background": int(rng.integers(len(BACKGROUNDS))),
@@ -78,8 +93,10 @@ def draw_factors(seed: int, index: int) -> tuple[dict[str, Any], np.random.Gener
         "size": float(rng.uniform(*SIZE_RANGE)),
         "pos_x": float(rng.uniform(*POS_RANGE)),
         "pos_y": float(rng.uniform(*POS_RANGE)),
-        "orientation": float(rng.uniform(*ORIENTATION_RANGE)),
+        "orientation": float(rng.uniform(0.0, rotation)),  # drawn even for 0: the texture's draws stay the same
     }
+    if rotation <= 0:
+        del f["orientation"]
     return f, rng
 
 
@@ -115,9 +132,10 @@ def _smooth_noise(rng: np.random.Generator, resolution: int, cells: int) -> np.n
     return rows[:, i0] * (1 - w)[None, :] + rows[:, i0 + 1] * w[None, :]
 
 
-def render(seed: int, index: int, resolution: int) -> tuple[np.ndarray, dict[str, Any]]:
+def render(seed: int, index: int, resolution: int,
+           rotation: float = ORIENTATION_RANGE[1]) -> tuple[np.ndarray, dict[str, Any]]:
     """Render image ``index`` -> (HWC uint8 R x R x 3, factor labels)."""
-    f, rng = draw_factors(seed, index)
+    f, rng = draw_factors(seed, index, rotation)
     R = resolution
     s = _supersample(R)
     # Only the bounding box of the shape is rendered at s x s samples per pixel.
@@ -129,7 +147,7 @@ def render(seed: int, index: int, resolution: int) -> tuple[np.ndarray, dict[str
     ys = y0 + (np.arange((y1 - y0) * s, dtype=np.float32) + 0.5) / s
     dx = (xs[None, :] - cx) / radius
     dy = (ys[:, None] - cy) / radius
-    a = np.deg2rad(f["orientation"])
+    a = np.deg2rad(f.get("orientation", 0.0))
     ca, sa = np.float32(np.cos(a)), np.float32(np.sin(a))
     u = dx * ca + dy * sa
     v = -dx * sa + dy * ca
@@ -147,10 +165,11 @@ def render(seed: int, index: int, resolution: int) -> tuple[np.ndarray, dict[str
 
 
 class SyntheticSource:
-    def __init__(self, num_images: int, resolution: int, seed: int) -> None:
+    def __init__(self, num_images: int, resolution: int, seed: int, rotation: float = ORIENTATION_RANGE[1]) -> None:
         self.num_items = int(num_images)
         self.resolution = int(resolution)
         self.seed = int(seed)
+        self.rotation = float(rotation)
 
     def open(self) -> None:
         pass
@@ -159,12 +178,15 @@ class SyntheticSource:
         return f"synthetic/{index:08d}"
 
     def load(self, index: int) -> tuple[np.ndarray, dict[str, Any], bool]:
-        image, factors = render(self.seed, index, self.resolution)
+        image, factors = render(self.seed, index, self.resolution, self.rotation)
         return image, factors, False
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"kind": "synthetic", "version": GENERATOR_VERSION, "n": self.num_items, "seed": self.seed,
-                "resolution": self.resolution}  # fmt: skip
+        fp = {"kind": "synthetic", "version": GENERATOR_VERSION, "n": self.num_items, "seed": self.seed,
+              "resolution": self.resolution}  # fmt: skip
+        if self.rotation != ORIENTATION_RANGE[1]:  # the default leaves earlier datasets' fingerprints as they were
+            fp["rotation"] = self.rotation
+        return fp
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "synthetic", "path": None, "num_files": self.num_items}
@@ -184,6 +206,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", "-n", type=int, required=True, help="number of images")
     p.add_argument("--resolution", "-r", type=int, required=True, help="top resolution R (power of two)")
     p.add_argument("--seed", type=int, default=0, help="random seed; image i depends only on (seed, i)")
+    p.add_argument("--rotation", type=float, default=ORIENTATION_RANGE[1], metavar="DEG",
+                   help="orientations uniform in [0, DEG) degrees; 0 draws every shape upright and stores no "
+                        "orientation label (image i's other factors and texture are the same for every DEG)")
     p.add_argument("--min-resolution", type=int, default=4, help="lowest level stored (4 or 8)")
     p.add_argument("--encoding", default="raw", help="per-resolution encoding, as for data_pipeline.prepare")
     p.add_argument("--workers", "-j", type=int, default=os.cpu_count() or 1, help="worker processes")
@@ -200,16 +225,19 @@ def run(argv: list[str] | None = None, *, stop_after_shards: int | None = None) 
         raise DatasetError(f"--num-images must be at least 1, got {args.num_images}.")
     if args.workers < 1:
         raise DatasetError(f"--workers must be at least 1, got {args.workers}.")
+    if not 0.0 <= args.rotation <= 360.0:
+        raise DatasetError(f"--rotation must be between 0 and 360 degrees, got {args.rotation:g}.")
     levels = resolution_levels(args.resolution, args.min_resolution)
     encodings = parse_encoding_option(args.encoding, levels)
-    source = SyntheticSource(args.num_images, args.resolution, args.seed)
+    source = SyntheticSource(args.num_images, args.resolution, args.seed, args.rotation)
+    spec = label_spec(args.rotation)
     workers = args.workers if args.num_images * args.resolution**2 > 2_000_000 else 1  # tiny: no process start-up
     cfg = BuildConfig(
         out=args.out,
         source=source,
         levels=levels,
         encodings=encodings,
-        label_spec=[dict(s) for s in LABEL_SPEC],
+        label_spec=spec,
         shard_size=args.shard_size or 0,
         rows_per_group=args.rows_per_group or 0,
         workers=workers,
@@ -221,7 +249,8 @@ def run(argv: list[str] | None = None, *, stop_after_shards: int | None = None) 
                 "generator": "data_pipeline.synthetic",
                 "version": GENERATOR_VERSION,
                 "seed": args.seed,
-                "factors": [s["name"] for s in LABEL_SPEC],
+                "rotation": args.rotation,
+                "factors": [s["name"] for s in spec],
                 "stochastic": "per-image random background field and object grain (not a label)",
             }
         },

@@ -91,3 +91,32 @@ def test_cli_errors(tmp_path, capsys):
     assert "--num-images must be at least 1" in capsys.readouterr().err
     assert synthetic.main([str(tmp_path / "x"), "-n", "4", "-r", "30"]) == 2
     assert "power of two" in capsys.readouterr().err
+
+
+def test_rotation_zero_draws_upright_shapes_and_keeps_the_other_factors(syn, tmp_path):
+    out = tmp_path / "upright"
+    synthetic.run([str(out), "-n", "300", "-r", "32", "--seed", "7", "--rotation", "0", "-q"])
+    m = open_manifest(out)
+    assert [s["name"] for s in m["labels"]] == ["background", "shape", "color", "size", "pos_x", "pos_y"]
+    assert m["synthetic"]["rotation"] == 0
+    _, up = read_labels(out)
+    _, rot = read_labels(syn)
+    for k in ("background", "shape", "color", "size", "pos_x", "pos_y"):
+        assert np.array_equal(up[k], rot[k]), k
+    bgs = np.array(list(synthetic.BACKGROUNDS.values()))
+
+    def fill(images, labels):  # covered pixels / their bounding box, per square
+        cover = np.abs(images - bgs[labels["background"]][:, :, None, None]).max(axis=1) > 100
+        out = []
+        for c in cover[labels["shape"] == 1]:
+            ys, xs = np.nonzero(c)
+            out.append(c.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+        return np.array(out)
+
+    up_img = np.concatenate([b.numpy() for b in iter_images(out, 32, 64)]).astype(int)
+    rot_img = np.concatenate([b.numpy() for b in iter_images(syn, 32, 64)]).astype(int)
+    assert fill(up_img, up).mean() > 0.95  # an axis-aligned square fills its bounding box (edges anti-aliased)
+    assert fill(rot_img, rot).mean() < 0.85  # rotated ones do not, on average
+    # the upright data set is another data set: resuming it into the rotated one's directory is refused
+    assert synthetic.main([str(syn), "-n", "300", "-r", "32", "--seed", "7", "--rotation", "0", "-q"]) == 2
+    assert synthetic.main([str(tmp_path / "y"), "-n", "4", "-r", "32", "--rotation", "-5"]) == 2
