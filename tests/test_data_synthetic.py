@@ -93,7 +93,7 @@ def test_cli_errors(tmp_path, capsys):
     assert "power of two" in capsys.readouterr().err
 
 
-def test_rotation_zero_draws_upright_shapes_and_keeps_the_other_factors(syn, tmp_path):
+def test_rotation_zero_draws_upright_shapes_and_keeps_the_other_factors(syn, tmp_path, capsys):
     out = tmp_path / "upright"
     synthetic.run([str(out), "-n", "300", "-r", "32", "--seed", "7", "--rotation", "0", "-q"])
     m = open_manifest(out)
@@ -117,6 +117,12 @@ def test_rotation_zero_draws_upright_shapes_and_keeps_the_other_factors(syn, tmp
     rot_img = np.concatenate([b.numpy() for b in iter_images(syn, 32, 64)]).astype(int)
     assert fill(up_img, up).mean() > 0.95  # an axis-aligned square fills its bounding box (edges anti-aliased)
     assert fill(rot_img, rot).mean() < 0.85  # rotated ones do not, on average
-    # the upright data set is another data set: resuming it into the rotated one's directory is refused
+    # the upright data set is another data set: writing it into the rotated one's directory is refused, and
+    # the rotated one stays as it was
+    before = (syn / "manifest.json").read_text()
+    capsys.readouterr()
     assert synthetic.main([str(syn), "-n", "300", "-r", "32", "--seed", "7", "--rotation", "0", "-q"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (syn / "manifest.json").read_text() == before
     assert synthetic.main([str(tmp_path / "y"), "-n", "4", "-r", "32", "--rotation", "-5"]) == 2
+    assert "--rotation must be between 0 and 360 degrees, got -5." in capsys.readouterr().err
