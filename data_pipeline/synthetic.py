@@ -19,7 +19,11 @@ label           kind         values
 ==============  ===========  =====================================================================
 
 ``--rotation DEG`` draws orientations in [0, DEG) instead; ``--rotation 0`` draws every shape upright and
-stores no orientation label (every other factor and the texture of image i stay the same).
+stores no orientation label (every other factor and the texture of image i stay the same). ``--size LO HI`` and
+``--position LO HI`` change the two ranges (the stored label ranges follow); a centre range must keep every
+radius inside the image (LO - size HI >= 0, HI + size HI <= 1), so circles and the cross's arms stay inside,
+while a rotated square's corners or a triangle's vertices (1.2 radii out) may touch the border when the ranges
+are at that limit. Image i draws its factors in the same order whatever the ranges.
 
 The stochastic part (not a label) is per-image random texture: a smooth random brightness field on
 the background (amplitude ~12/255) and fine grain on the object (~10/255). Shapes are rendered with
@@ -72,27 +76,34 @@ for _s in LABEL_SPEC:
     _s["source_name"] = _s["name"]
 
 
-def label_spec(rotation: float = ORIENTATION_RANGE[1]) -> list[dict[str, Any]]:
-    """The stored labels for a dataset whose orientations lie in [0, rotation); none for rotation 0 (upright)."""
+def label_spec(rotation: float = ORIENTATION_RANGE[1], size: tuple[float, float] = SIZE_RANGE,
+               position: tuple[float, float] = POS_RANGE) -> list[dict[str, Any]]:
+    """The stored labels for a dataset whose orientations lie in [0, rotation) (none for rotation 0: upright),
+    radii in ``size`` and centres in ``position``."""
     spec = [dict(s) for s in LABEL_SPEC if s["name"] != "orientation" or rotation > 0]
     for s in spec:
         if s["name"] == "orientation":
             s["range"] = [0.0, float(rotation)]
+        elif s["name"] == "size":
+            s["range"] = [float(size[0]), float(size[1])]
+        elif s["name"] in ("pos_x", "pos_y"):
+            s["range"] = [float(position[0]), float(position[1])]
     return spec
 
 
-def draw_factors(seed: int, index: int,
-                 rotation: float = ORIENTATION_RANGE[1]) -> tuple[dict[str, Any], np.random.Generator]:
+def draw_factors(seed: int, index: int, rotation: float = ORIENTATION_RANGE[1], size: tuple[float, float] = SIZE_RANGE,
+                 position: tuple[float, float] = POS_RANGE) -> tuple[dict[str, Any], np.random.Generator]:
     """The factors of image ``index``; orientation uniform in [0, rotation) degrees. Rotation 0 leaves the
-    orientation out (every shape upright) and every other factor and the texture as they are with rotation 90."""
+    orientation out (every shape upright) and every other factor and the texture as they are with rotation 90.
+    The draws come in the same order whatever the ranges, so only the ranged factors change with them."""
     rng = np.random.default_rng([int(seed), int(index)])
     f = {
         "background": int(rng.integers(len(BACKGROUNDS))),
         "shape": int(rng.integers(len(SHAPES))),
         "color": int(rng.integers(len(COLORS))),
-        "size": float(rng.uniform(*SIZE_RANGE)),
-        "pos_x": float(rng.uniform(*POS_RANGE)),
-        "pos_y": float(rng.uniform(*POS_RANGE)),
+        "size": float(rng.uniform(*size)),
+        "pos_x": float(rng.uniform(*position)),
+        "pos_y": float(rng.uniform(*position)),
         "orientation": float(rng.uniform(0.0, rotation)),  # drawn even for 0: the texture's draws stay the same
     }
     if rotation <= 0:
@@ -132,10 +143,11 @@ def _smooth_noise(rng: np.random.Generator, resolution: int, cells: int) -> np.n
     return rows[:, i0] * (1 - w)[None, :] + rows[:, i0 + 1] * w[None, :]
 
 
-def render(seed: int, index: int, resolution: int,
-           rotation: float = ORIENTATION_RANGE[1]) -> tuple[np.ndarray, dict[str, Any]]:
+def render(seed: int, index: int, resolution: int, rotation: float = ORIENTATION_RANGE[1],
+           size: tuple[float, float] = SIZE_RANGE,
+           position: tuple[float, float] = POS_RANGE) -> tuple[np.ndarray, dict[str, Any]]:
     """Render image ``index`` -> (HWC uint8 R x R x 3, factor labels)."""
-    f, rng = draw_factors(seed, index, rotation)
+    f, rng = draw_factors(seed, index, rotation, size, position)
     R = resolution
     s = _supersample(R)
     # Only the bounding box of the shape is rendered at s x s samples per pixel.
@@ -165,11 +177,14 @@ def render(seed: int, index: int, resolution: int,
 
 
 class SyntheticSource:
-    def __init__(self, num_images: int, resolution: int, seed: int, rotation: float = ORIENTATION_RANGE[1]) -> None:
+    def __init__(self, num_images: int, resolution: int, seed: int, rotation: float = ORIENTATION_RANGE[1],
+                 size: tuple[float, float] = SIZE_RANGE, position: tuple[float, float] = POS_RANGE) -> None:
         self.num_items = int(num_images)
         self.resolution = int(resolution)
         self.seed = int(seed)
         self.rotation = float(rotation)
+        self.size = (float(size[0]), float(size[1]))
+        self.position = (float(position[0]), float(position[1]))
 
     def open(self) -> None:
         pass
@@ -178,14 +193,19 @@ class SyntheticSource:
         return f"synthetic/{index:08d}"
 
     def load(self, index: int) -> tuple[np.ndarray, dict[str, Any], bool]:
-        image, factors = render(self.seed, index, self.resolution, self.rotation)
+        image, factors = render(self.seed, index, self.resolution, self.rotation, self.size, self.position)
         return image, factors, False
 
     def fingerprint(self) -> dict[str, Any]:
         fp = {"kind": "synthetic", "version": GENERATOR_VERSION, "n": self.num_items, "seed": self.seed,
               "resolution": self.resolution}  # fmt: skip
-        if self.rotation != ORIENTATION_RANGE[1]:  # the default leaves earlier datasets' fingerprints as they were
+        # the defaults leave earlier datasets' fingerprints as they were
+        if self.rotation != ORIENTATION_RANGE[1]:
             fp["rotation"] = self.rotation
+        if self.size != SIZE_RANGE:
+            fp["size"] = list(self.size)
+        if self.position != POS_RANGE:
+            fp["position"] = list(self.position)
         return fp
 
     def describe(self) -> dict[str, Any]:
@@ -209,6 +229,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotation", type=float, default=ORIENTATION_RANGE[1], metavar="DEG",
                    help="orientations uniform in [0, DEG) degrees; 0 draws every shape upright and stores no "
                         "orientation label (image i's other factors and texture are the same for every DEG)")
+    p.add_argument("--size", type=float, nargs=2, default=list(SIZE_RANGE), metavar=("LO", "HI"),
+                   help="shape radius as a fraction of the image side, uniform in [LO, HI]")
+    p.add_argument("--position", type=float, nargs=2, default=list(POS_RANGE), metavar=("LO", "HI"),
+                   help="shape centre x and y as fractions of the side, each uniform in [LO, HI]; every radius must "
+                        "stay inside the image: LO - size HI >= 0 and HI + size HI <= 1")
     p.add_argument("--min-resolution", type=int, default=4, help="lowest level stored (4 or 8)")
     p.add_argument("--encoding", default="raw", help="per-resolution encoding, as for data_pipeline.prepare")
     p.add_argument("--workers", "-j", type=int, default=os.cpu_count() or 1, help="worker processes")
@@ -227,10 +252,18 @@ def run(argv: list[str] | None = None, *, stop_after_shards: int | None = None) 
         raise DatasetError(f"--workers must be at least 1, got {args.workers}.")
     if not 0.0 <= args.rotation <= 360.0:
         raise DatasetError(f"--rotation must be between 0 and 360 degrees, got {args.rotation:g}.")
+    size, position = tuple(args.size), tuple(args.position)
+    if not 0.0 < size[0] <= size[1] <= 0.5:
+        raise DatasetError(f"--size needs 0 < LO <= HI <= 0.5 (radius as a fraction of the side), "
+                           f"got {size[0]:g} {size[1]:g}.")
+    if not position[0] <= position[1] or position[0] - size[1] < -1e-9 or position[1] + size[1] > 1 + 1e-9:
+        raise DatasetError(f"--position {position[0]:g} {position[1]:g} would put shapes of radius up to "
+                           f"{size[1]:g} partly outside the image; it needs LO <= HI, LO >= {size[1]:g} and "
+                           f"HI <= {1 - size[1]:g}.")
     levels = resolution_levels(args.resolution, args.min_resolution)
     encodings = parse_encoding_option(args.encoding, levels)
-    source = SyntheticSource(args.num_images, args.resolution, args.seed, args.rotation)
-    spec = label_spec(args.rotation)
+    source = SyntheticSource(args.num_images, args.resolution, args.seed, args.rotation, size, position)
+    spec = label_spec(args.rotation, size, position)
     workers = args.workers if args.num_images * args.resolution**2 > 2_000_000 else 1  # tiny: no process start-up
     cfg = BuildConfig(
         out=args.out,
@@ -250,6 +283,8 @@ def run(argv: list[str] | None = None, *, stop_after_shards: int | None = None) 
                 "version": GENERATOR_VERSION,
                 "seed": args.seed,
                 "rotation": args.rotation,
+                "size": list(size),
+                "position": list(position),
                 "factors": [s["name"] for s in spec],
                 "stochastic": "per-image random background field and object grain (not a label)",
             }

@@ -115,6 +115,9 @@ class ScheduleConfig:
     tick_kimg_base: float = 160.0
     tick_kimg_dict: dict[int, float] = field(default_factory=_default_tick)
     minibatch_repeats: int = 4  # the schedule is re-evaluated every this many steps (official: 4)
+    # D's learning rate is this times the schedule's (G's). The official loop has separate G and D rates, equal in
+    # every released configuration (1 here); a faster D is the two-time-scale rule (Heusel et al., 2017).
+    d_lr_mult: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -416,6 +419,7 @@ def validate(cfg: Config) -> None:
         (s.minibatch_repeats >= 1, "schedule.minibatch_repeats must be >= 1"),
         (all(v >= 1 for v in s.batch_per_gpu.values()) and s.batch_base >= 1, "schedule batch sizes must be >= 1"),
         (all(v > 0 for v in s.lr_dict.values()) and s.lr_base > 0, "schedule learning rates must be > 0"),
+        (s.d_lr_mult > 0, f"schedule.d_lr_mult must be > 0, got {s.d_lr_mult}"),
         (all(v > 0 for v in s.tick_kimg_dict.values()) and s.tick_kimg_base > 0, "schedule tick lengths must be > 0"),
         (p.precision in ("fp32", "tf32", "bf16"), f"perf.precision must be fp32, tf32 or bf16, got '{p.precision}'"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1"),

@@ -242,7 +242,7 @@ def training_loop(
 
     first = phase_at(cfg, 0, world_size)
     opt_G = make_optimizer(cfg, G, first.lr)
-    opt_D = make_optimizer(cfg, D, first.lr)
+    opt_D = make_optimizer(cfg, D, first.lr * cfg.schedule.d_lr_mult)
     loss = StyleGANLoss(cfg, G, D, device, D_forward=compile_models(G, D) if cfg.perf.compile else None)
 
     cur_nimg, tick, step = 0, 0, 0
@@ -329,8 +329,10 @@ def training_loop(
         if it_key != (phase.resolution, phase.batch_per_gpu):
             it = source.batches(phase.resolution, phase.batch_per_gpu)
             it_key = (phase.resolution, phase.batch_per_gpu)
-        for group in opt_G.param_groups + opt_D.param_groups:
+        for group in opt_G.param_groups:
             group["lr"] = phase.lr
+        for group in opt_D.param_groups:
+            group["lr"] = phase.lr * cfg.schedule.d_lr_mult
         ctx = StepContext(phase.resolution, phase.alpha, phase.batch_per_gpu)
         ema_beta = 0.5 ** (phase.batch / ema_halflife) if ema_halflife > 0 else 0.0
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from stylegan_dist.config import (
@@ -66,6 +68,8 @@ def test_inconsistent_switches_are_errors():
         build_config(set_args=["generator.use_styles=false", "generator.const_input=false"])
     with pytest.raises(ConfigError, match="power of two"):
         build_config(set_args=["model.resolution=100"])
+    with pytest.raises(ConfigError, match="schedule.d_lr_mult must be > 0, got 0"):
+        build_config(set_args=["schedule.d_lr_mult=0"])
 
 
 def test_presets_table1():
@@ -83,3 +87,10 @@ def test_round_trip_and_params():
     assert from_dict(to_dict(cfg)) == cfg
     assert flat_params(cfg)["generator.mapping_layers"] == "2"
     assert isinstance(Config(), Config)
+
+
+def test_every_shipped_config_builds():
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(paths) >= 2
+    for p in paths:
+        build_config(p)

@@ -126,3 +126,38 @@ def test_rotation_zero_draws_upright_shapes_and_keeps_the_other_factors(syn, tmp
     assert (syn / "manifest.json").read_text() == before
     assert synthetic.main([str(tmp_path / "y"), "-n", "4", "-r", "32", "--rotation", "-5"]) == 2
     assert "--rotation must be between 0 and 360 degrees, got -5." in capsys.readouterr().err
+
+
+def test_size_and_position_ranges_move_only_those_factors(syn, tmp_path, capsys):
+    out = tmp_path / "big"
+    synthetic.run([str(out), "-n", "300", "-r", "32", "--seed", "7", "--size", "0.3", "0.4", "--position", "0.4",
+                   "0.6", "-q"])
+    m = open_manifest(out)
+    ranges = {s["name"]: s.get("range") for s in m["labels"]}
+    assert ranges["size"] == [0.3, 0.4] and ranges["pos_x"] == ranges["pos_y"] == [0.4, 0.6]
+    assert m["synthetic"]["size"] == [0.3, 0.4] and m["synthetic"]["position"] == [0.4, 0.6]
+    assert m["fingerprint"] != open_manifest(syn)["fingerprint"]
+    _, big = read_labels(out)
+    _, small = read_labels(syn)
+    for k in ("background", "shape", "color", "orientation"):
+        assert np.array_equal(big[k], small[k]), k
+    assert 0.3 <= big["size"].min() and big["size"].max() <= 0.4 and big["size"].max() > 0.38
+    for k in ("pos_x", "pos_y"):
+        assert 0.4 <= big[k].min() and big[k].max() <= 0.6
+    bgs = np.array(list(synthetic.BACKGROUNDS.values()))
+
+    def covered(path, labels):  # object pixels per image
+        images = np.concatenate([b.numpy() for b in iter_images(path, 32, 64)]).astype(int)
+        return (np.abs(images - bgs[labels["background"]][:, :, None, None]).max(axis=1) > 100).sum(axis=(1, 2))
+
+    ratio = covered(out, big) / covered(syn, small)
+    expect = (big["size"] / small["size"]) ** 2  # area grows with the radius squared
+    assert np.median(np.abs(ratio / expect - 1)) < 0.1
+    # ranges that would put a radius outside the image are one sentence, and nothing is written
+    capsys.readouterr()
+    assert synthetic.main([str(tmp_path / "x"), "-n", "4", "-r", "32", "--size", "0.3", "0.45"]) == 2
+    err = capsys.readouterr().err
+    assert "--position 0.35 0.65 would put shapes of radius up to 0.45 partly outside the image" in err
+    assert synthetic.main([str(tmp_path / "x"), "-n", "4", "-r", "32", "--size", "0.3", "0.2"]) == 2
+    assert "--size needs 0 < LO <= HI <= 0.5" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

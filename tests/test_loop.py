@@ -7,7 +7,7 @@ from conftest import TINY_SCHEDULE, random_images, tiny_config
 
 from stylegan_dist import checkpoint as ckpt_mod
 from stylegan_dist.data import TensorSource
-from stylegan_dist.loop import NonFiniteLossError, training_loop
+from stylegan_dist.loop import NonFiniteLossError, build_models, training_loop
 from stylegan_dist.loss import StyleGANLoss
 
 
@@ -114,6 +114,19 @@ def test_optimizer_state_resets_at_fade_start(tmp_path):
     cfg_keep = _cfg("schedule.total_kimg=0.104", "optim.reset_on_lod_change=false")
     res = training_loop(cfg_keep, TensorSource(random_images()), tmp_path / "keep", log=None)
     assert max(int(s["step"]) for s in _state(res.checkpoint)["opt_G"]["state"].values()) == 13
+
+
+def test_discriminator_learning_rate_multiplier(tmp_path):
+    # one step of Adam with beta1 = 0 moves every weight with a gradient by about its group's lr
+    cfg = _cfg("schedule.total_kimg=0.008", "schedule.lr_base=0.002", "schedule.d_lr_mult=3")
+    G0, D0, _ = build_models(cfg, torch.device("cpu"))  # the loop's initial weights (seeded)
+    res = training_loop(cfg, TensorSource(random_images()), tmp_path, log=None)
+    ck = _state(res.checkpoint)
+    assert [g["lr"] for g in ck["opt_G"]["param_groups"]] == [0.002]
+    assert [g["lr"] for g in ck["opt_D"]["param_groups"]] == [pytest.approx(0.006)]
+    d_move = max((ck["D"][k] - v).abs().max().item() for k, v in D0.state_dict().items())
+    g_move = max((ck["G"][k] - v).abs().max().item() for k, v in G0.state_dict().items() if "w_avg" not in k)
+    assert d_move == pytest.approx(0.006, rel=0.05) and g_move == pytest.approx(0.002, rel=0.05)
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
